@@ -1,0 +1,31 @@
+# `make run`: install what is missing into .venv, then the default pruning-aware job on the CPU.
+# `make test`: install, then the test suite.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install run test bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: EfficientLLM needs Python 3.11"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned, so pip takes the CPU wheel and never a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/efficientllm train
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	for script in bench/*.py; do $(PY) $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,256 @@
+"""The run config: typed sections, loaded from one YAML file plus `--set a.b=c` overrides.
+
+Field names follow Megatron-LM where one exists. Defaults live here and only here; the shipped
+`configs/default.yaml` is the `make run` job. Every problem is reported as one ConfigError line
+naming the field and what would be valid, before any process group is formed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_attention_heads: int = 8
+    num_query_groups: int = 4
+    ffn_hidden_size: int = 704
+    head_dim: int | None = None
+    # Explicit per-layer widths (a heterogeneous model): a list of
+    # {num_attention_heads, num_query_groups, ffn_hidden_size}; overrides the uniform fields.
+    layers: list[dict[str, int]] | None = None
+    vocab_size: int | None = None  # None: the tokenizer's, padded like Megatron-LM
+    make_vocab_size_divisible_by: int = 128
+    untie_embeddings_and_output_weights: bool = True
+    init_method_std: float = 0.02
+    rotary_base: int = 10000
+    transformer_impl: str = "local"  # local | transformer_engine
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class DataConfig:
+    # Megatron-LM style: [prefix] or ["0.7", prefixA, "0.3", prefixB]; empty = default corpus.
+    data_path: list[str] = field(default_factory=list)
+    valid_data_path: list[str] = field(default_factory=list)
+    split: str = "98,2,0"
+    tokenizer_model: str | None = None  # None: train one on the training text
+    tokenizer_vocab_size: int = 4096
+    corpus_max_bytes: int = 4_000_000  # cap on the default corpus (stdlib sources)
+    corpus_heldout_fraction: float = 0.05
+    seq_length: int = 256
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = 1234
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    train_iters: int = 200
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_warmup_iters: int = 20
+    lr_decay_style: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    bf16: bool = False  # None-free: on GPU set true; CPU runs fp32
+    log_interval: int = 10
+    eval_interval: int = 50
+    eval_iters: int = 4
+    tensorboard: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = None  # directory; None: <run_dir>/checkpoints
+    load: str | None = None
+    save_interval: int | None = None  # None: only at the end
+    keep_last: int = 2
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self, world_size: int | None = None) -> None:
+        validate(self, world_size)
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(valid)}"
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check a YAML value against a dataclass field's annotation (ints widen to floats)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {k: _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
+    if annotation is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected int, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'{_suggest(key, names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, path)
+        else:
+            kwargs[key] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (default: the shipped default job) and apply `a.b=c` overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {err}".splitlines()[0])
+    for override in overrides or []:
+        keys, value = _parse_override(override)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{override}': '{key}' is not a section")
+        node[keys[-1]] = value
+    config = _build(Config, data, "")
+    validate(config)
+    return config
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: Config, world_size: int | None = None) -> None:
+    """Everything that can be checked without data or process groups."""
+    m, p, d, t = config.model, config.parallel, config.data, config.training
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    _require(tp >= 1, f"parallel.tensor_model_parallel_size must be >= 1, got {tp}")
+    _require(pp >= 1, f"parallel.pipeline_model_parallel_size must be >= 1, got {pp}")
+    vp = p.virtual_pipeline_model_parallel_size
+    _require(
+        vp is None or (vp >= 2 and pp >= 2),
+        f"parallel.virtual_pipeline_model_parallel_size must be unset or >= 2 with pipeline "
+        f"parallelism, got {vp} at pipeline_model_parallel_size {pp}",
+    )
+    num_layers = len(m.layers) if m.layers else m.num_layers
+    stages = pp * (vp or 1)
+    _require(
+        num_layers % stages == 0,
+        f"model.num_layers {num_layers} is not divisible by pipeline stages {stages} "
+        f"(pipeline_model_parallel_size x virtual_pipeline_model_parallel_size)",
+    )
+    _require(
+        not p.sequence_parallel or tp > 1,
+        "parallel.sequence_parallel needs tensor_model_parallel_size > 1",
+    )
+    _require(
+        m.transformer_impl in ("local", "transformer_engine"),
+        f"model.transformer_impl must be 'local' or 'transformer_engine', got '{m.transformer_impl}'",
+    )
+    _require(d.seq_length > 0, f"data.seq_length must be positive, got {d.seq_length}")
+    _require(t.micro_batch_size > 0, f"training.micro_batch_size must be positive, got {t.micro_batch_size}")
+    _require(t.train_iters > 0, f"training.train_iters must be positive, got {t.train_iters}")
+    _require(
+        t.lr_decay_style in ("cosine", "linear", "constant"),
+        f"training.lr_decay_style must be cosine, linear or constant, got '{t.lr_decay_style}'",
+    )
+    _require(0 <= t.lr_warmup_iters <= t.train_iters,
+             f"training.lr_warmup_iters must be in [0, train_iters={t.train_iters}], got {t.lr_warmup_iters}")
+    if world_size is not None:
+        _require(
+            world_size % (tp * pp) == 0,
+            f"world size {world_size} is not divisible by tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size = {tp}x{pp}; use a world size that is a multiple of {tp * pp}",
+        )
+        dp = world_size // (tp * pp)
+        per_step = t.micro_batch_size * dp
+        _require(
+            t.global_batch_size % per_step == 0,
+            f"training.global_batch_size {t.global_batch_size} is not divisible by "
+            f"micro_batch_size x data-parallel size = {t.micro_batch_size}x{dp}",
+        )

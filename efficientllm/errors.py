@@ -1,0 +1,8 @@
+"""The errors that mean "your input is wrong" (printed as one line), as opposed to bugs."""
+
+from efficientllm.architecture import ArchitectureError
+from efficientllm.config import ConfigError
+from efficientllm.data import DataError
+from efficientllm.distributed import LaunchError
+
+USER_ERRORS: tuple[type[Exception], ...] = (ArchitectureError, ConfigError, DataError, LaunchError)

@@ -1,0 +1,224 @@
+"""The training loop: megatron-core pipeline schedules, DDP, optimizer, LR schedule, eval.
+
+A step, top to bottom: the schedule runs forward/backward over this rank's micro-batches and
+megatron's `finalize_model_grads` reduces gradients over DP; the optimizer clips and steps; the
+LR scheduler advances by one global batch; the loss is averaged over DP for the log.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from efficientllm import distributed
+from efficientllm.architecture import Architecture
+from efficientllm.config import Config
+from efficientllm.data.prepare import PreparedData, prepare_data
+from efficientllm.model import ModelOptions, build_model_chunks
+from efficientllm.training.batches import micro_batches
+from efficientllm.training.metrics import MetricsLogger
+from efficientllm.training.optimizer import build_optimizer, wrap_ddp
+
+
+def architecture_from_config(config: Config, vocab_size: int) -> Architecture:
+    """The model's shapes from the config; vocab padded like Megatron-LM (to a multiple of
+    make_vocab_size_divisible_by x TP) unless set explicitly."""
+    m = config.model
+    if m.vocab_size is None:
+        multiple = m.make_vocab_size_divisible_by * config.parallel.tensor_model_parallel_size
+        vocab_size = -(-vocab_size // multiple) * multiple
+    else:
+        vocab_size = m.vocab_size
+    layers = m.layers or [
+        {
+            "num_attention_heads": m.num_attention_heads,
+            "num_query_groups": m.num_query_groups,
+            "ffn_hidden_size": m.ffn_hidden_size,
+        }
+    ] * m.num_layers
+    head_dim = m.head_dim or m.hidden_size // layers[0]["num_attention_heads"]
+    return Architecture.from_dict(
+        {
+            "hidden_size": m.hidden_size,
+            "vocab_size": vocab_size,
+            "head_dim": head_dim,
+            "tie_embeddings": not m.untie_embeddings_and_output_weights,
+            "layers": layers,
+        }
+    )
+
+
+def model_options(config: Config) -> ModelOptions:
+    p = config.parallel
+    return ModelOptions(
+        seq_length=config.data.seq_length,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        bf16=config.training.bf16,
+        transformer_engine=config.model.transformer_impl == "transformer_engine",
+        init_method_std=config.model.init_method_std,
+        init_seed=config.training.seed,
+        rotary_base=config.model.rotary_base,
+    )
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(output_tensor.view(-1).float() * mask) / mask.sum().clamp(min=1)
+    # The schedule divides the returned loss in place by the number of micro-batches: report a copy.
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved with every checkpoint."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, config: Config, launch: distributed.LaunchEnv | None = None):
+        self.config = config
+        self.launch = launch or distributed.read_launch_env()
+        config.validate(self.launch.world_size)
+        self.run_dir = Path(config.run_dir)
+        self.state = TrainState()
+
+    # ----- setup -------------------------------------------------------------------------
+    def setup(self) -> None:
+        c = self.config
+        p = c.parallel
+        distributed.initialize(
+            self.launch,
+            p.tensor_model_parallel_size,
+            p.pipeline_model_parallel_size,
+            p.virtual_pipeline_model_parallel_size,
+            c.training.seed,
+        )
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.num_microbatches = c.training.global_batch_size // (c.training.micro_batch_size * self.dp_size)
+        self.data: PreparedData = prepare_data(c, self.run_dir)
+        self.arch = architecture_from_config(c, self.data.tokenizer.vocab_size)
+        self.data.check_vocab(self.arch.vocab_size)
+        self.build_model(self.arch)
+        self.log = MetricsLogger(
+            self.run_dir,
+            c.training.train_iters,
+            self.state.iteration,
+            enabled=distributed.is_logging_rank(),
+            tensorboard=c.training.tensorboard,
+        )
+
+    def build_model(self, arch: Architecture) -> None:
+        self.arch = arch
+        chunks = build_model_chunks(arch, model_options(self.config))
+        self.model = wrap_ddp(chunks, self.config.parallel)
+        self.optimizer, self.scheduler = build_optimizer(self.model, self.config.training, self.config.parallel)
+
+    def _iterators(self, dataset, consumed: int) -> list[Iterator] | Iterator:
+        """One iterator per model chunk (virtual pipeline stages each read the same batches)."""
+        make = lambda: micro_batches(dataset, consumed, self.config.training.micro_batch_size, self.dp_rank, self.dp_size)
+        return [make() for _ in self.model] if len(self.model) > 1 else make()
+
+    # ----- one step ----------------------------------------------------------------------
+    def _run_schedule(self, data_iterator, num_microbatches: int, forward_only: bool) -> float | None:
+        """Forward(/backward) over the micro-batches; the mean loss on the last stage, else None."""
+        c = self.config
+        losses = get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=data_iterator,
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=num_microbatches,
+            seq_length=c.data.seq_length,
+            micro_batch_size=c.training.micro_batch_size,
+            forward_only=forward_only,
+        )
+        if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            return None
+        return torch.stack([l["lm loss"] for l in losses]).mean().item()
+
+    def _mean_over_replicas(self, value: float | None) -> float:
+        """Average a last-stage value over DP; every rank gets it (one tiny all-reduce)."""
+        counted = value is not None and parallel_state.get_tensor_model_parallel_rank() == 0
+        t = torch.tensor([value if counted else 0.0, 1.0 if counted else 0.0], dtype=torch.float64)
+        dist.all_reduce(t)
+        return (t[0] / t[1]).item()
+
+    def train_step(self, data_iterator) -> dict[str, float]:
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss = self._run_schedule(data_iterator, self.num_microbatches, forward_only=False)
+        update_successful, grad_norm, _ = self.optimizer.step()
+        if update_successful:
+            self.scheduler.step(increment=self.config.training.global_batch_size)
+        self.state.iteration += 1
+        self.state.consumed_samples += self.config.training.global_batch_size
+        return {
+            "loss": self._mean_over_replicas(loss),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        c = self.config.training
+        for chunk in self.model:
+            chunk.eval()
+        per_round = c.micro_batch_size * self.dp_size
+        iterator = self._iterators(self.data.valid, 0)
+        loss = self._run_schedule(iterator, c.eval_iters * self.num_microbatches, forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        mean = self._mean_over_replicas(loss)
+        return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "samples": c.eval_iters * per_round * self.num_microbatches}
+
+    # ----- the loop ----------------------------------------------------------------------
+    def train(self) -> TrainState:
+        c = self.config.training
+        tokens_per_step = c.global_batch_size * self.config.data.seq_length
+        iterator = self._iterators(self.data.train, self.state.consumed_samples)
+        window_start, window_steps = time.perf_counter(), 0
+        while self.state.iteration < c.train_iters:
+            metrics = self.train_step(iterator)
+            window_steps += 1
+            step = self.state.iteration
+            self.state.history.append({"step": step, "loss": metrics["loss"]})
+            if step % c.log_interval == 0 or step == c.train_iters:
+                elapsed = time.perf_counter() - window_start
+                metrics.update(
+                    tokens=self.state.consumed_samples * self.config.data.seq_length,
+                    tokens_per_s=window_steps * tokens_per_step / elapsed,
+                    params=self.arch.num_parameters(),
+                )
+                self.log.record("train", step, metrics)
+                window_start, window_steps = time.perf_counter(), 0
+            else:
+                self.log.record("train", step, metrics, echo=False)
+            if c.eval_interval and (step % c.eval_interval == 0 or step == c.train_iters):
+                self.log.record("valid", step, self.evaluate())
+        return self.state
+
+    def close(self) -> None:
+        self.log.close()
+        distributed.shutdown()

@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="efficientllm",
+    version="0.1.0",
+    description="Pruning-aware pretraining on megatron-core: a large dense LLM to a compact edge LLM",
+    python_requires=">=3.11",
+    packages=find_packages(include=["efficientllm*", "megatron_patches*"]),
+    package_data={"efficientllm": ["configs/*.yaml"]},
+    install_requires=[
+        # Pinned: torch's CPU wheel is what CI has on disk (a looser pin pulls a CUDA build);
+        # megatron-core 0.16.1 is the newest for Python 3.11 and what megatron_patches targets.
+        "torch==2.13.0",
+        "megatron-core==0.16.1",
+        "sentencepiece>=0.2",
+        "numpy>=1.26",
+        "pyyaml>=6",
+        "psutil>=5.9",  # dist_checkpointing.save needs it; megatron-core does not declare it
+        "packaging",
+        "tqdm>=4.66",
+        "tensorboard>=2.16",
+        "matplotlib>=3.8",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+    entry_points={"console_scripts": ["efficientllm=efficientllm.cli:main"]},
+)
