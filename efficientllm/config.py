@@ -239,8 +239,8 @@ def validate(config: Config, world_size: int | None = None) -> None:
         t.lr_decay_style in ("cosine", "linear", "constant"),
         f"training.lr_decay_style must be cosine, linear or constant, got '{t.lr_decay_style}'",
     )
-    _require(0 <= t.lr_warmup_iters <= t.train_iters,
-             f"training.lr_warmup_iters must be in [0, train_iters={t.train_iters}], got {t.lr_warmup_iters}")
+    _require(0 <= t.lr_warmup_iters < t.train_iters,
+             f"training.lr_warmup_iters must be in [0, train_iters={t.train_iters}), got {t.lr_warmup_iters}")
     if world_size is not None:
         _require(
             world_size % (tp * pp) == 0,
@@ -253,4 +253,11 @@ def validate(config: Config, world_size: int | None = None) -> None:
             t.global_batch_size % per_step == 0,
             f"training.global_batch_size {t.global_batch_size} is not divisible by "
             f"micro_batch_size x data-parallel size = {t.micro_batch_size}x{dp}",
+        )
+        microbatches = t.global_batch_size // per_step
+        _require(
+            vp is None or microbatches % pp == 0,
+            f"the interleaved pipeline schedule needs the number of micro-batches ({microbatches} = "
+            f"global_batch_size / (micro_batch_size x dp)) to be a multiple of "
+            f"pipeline_model_parallel_size {pp}",
         )

@@ -22,7 +22,6 @@ MODULES_WITH_CUDA_LITERALS = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.optimizer",
-    "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.transformer.utils",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.dist_checkpointing.exchange_utils",

@@ -102,6 +102,7 @@ class Trainer:
         config.validate(self.launch.world_size)
         self.run_dir = Path(config.run_dir)
         self.state = TrainState()
+        self.log: MetricsLogger | None = None
 
     # ----- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -219,6 +220,13 @@ class Trainer:
                 self.log.record("valid", step, self.evaluate())
         return self.state
 
+    def finish(self) -> None:
+        """Say where the results are."""
+        assert self.log is not None
+        self.log.print(f"final architecture:\n{self.arch.table()}")
+        self.log.print(f"run directory: {self.run_dir.resolve()} (metrics.jsonl, tensorboard/)")
+
     def close(self) -> None:
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
         distributed.shutdown()
