@@ -1,0 +1,15 @@
+# GPU image: NGC PyTorch carries CUDA torch, apex and Transformer Engine, which megatron-core
+# uses when importable (set model.transformer_impl: transformer_engine and training.bf16: true).
+# Build: docker build -t efficientllm .   (not buildable on the CPU dev machines: no Docker engine)
+FROM nvcr.io/nvidia/pytorch:25.01-py3
+
+WORKDIR /opt/efficientllm
+COPY setup.py README.md ./
+COPY efficientllm ./efficientllm
+COPY megatron_patches ./megatron_patches
+COPY launch ./launch
+# Keep the image's CUDA torch: install our deps without letting pip replace torch.
+RUN pip install --no-cache-dir --no-deps -e . \
+ && pip install --no-cache-dir "megatron-core==0.16.1" sentencepiece pyyaml psutil tqdm tensorboard matplotlib
+ENV OMP_NUM_THREADS=8
+ENTRYPOINT ["efficientllm"]
