@@ -80,6 +80,9 @@ def transformer_config(arch: Architecture, options: ModelOptions) -> PerLayerHea
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=True,
+        # gloo matches messages between two ranks in FIFO order; batched isend/irecv posts the
+        # two directions in an order that swaps them when prev == next (interleaved PP=2).
+        batch_p2p_comm=torch.cuda.is_available(),
     )
 
 

@@ -47,27 +47,20 @@ def test_data_parallel_replicas_stay_identical(tiny_config, tmp_path):
         assert replicas[0] == replicas[1], f"DP replicas of shard {coords} diverged"
 
 
-def test_sequence_parallel_and_distributed_optimizer_give_the_same_losses(tiny_config, tmp_path):
+def test_interleaved_pipeline_sequence_parallel_and_distributed_optimizer_give_the_same_losses(
+    tiny_config, tmp_path
+):
+    # PP=2 with virtual stages sends both directions between the same two ranks: this guards the
+    # gloo message-order problem that batched p2p ops cause there.
     config = tiny_config()
     base = _last_stage_losses(train_on_ranks(1, config, tmp_path / "base"))
     records = train_on_ranks(
-        4, config, tmp_path / "sp",
-        "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
+        4, config, tmp_path / "vp",
+        "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
+        "parallel.virtual_pipeline_model_parallel_size=2", "parallel.sequence_parallel=true",
         "parallel.use_distributed_optimizer=true",
     )
     _assert_losses_close(base, _last_stage_losses(records))
-
-
-def test_interleaved_pipeline_trains(tiny_config, tmp_path):
-    # Known gap: the interleaved schedule's losses differ from PP=1 by ~1e-4 relative from the
-    # first forward (weights and batches are identical); plain PP matches exactly.
-    config = tiny_config(training={"train_iters": 10, "lr": 3e-3})
-    records = train_on_ranks(
-        4, config, tmp_path / "vp",
-        "parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2",
-    )
-    losses = _last_stage_losses(records)
-    assert losses[-1] < losses[0] - 0.2, f"loss did not go down: {losses}"
 
 
 def test_heterogeneous_architecture_trains_at_tp2pp2(tiny_config, tmp_path):
