@@ -96,6 +96,30 @@ class CheckpointConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Pruning-aware pretraining: the budget falls linearly from the source size to the target
+    between start_step and end_step, one event every `interval` steps."""
+
+    enabled: bool = False
+    target_params: int | None = None
+    target_ratio: float | None = None  # fraction of the source size to keep, e.g. 0.4
+    start_step: int = 0
+    end_step: int = 0
+    interval: int = 1
+    align: int = 1  # ffn and hidden widths stay multiples of this (and of TP)
+    min_heads_per_layer: int = 1
+    min_query_groups: int = 1
+    min_ffn_per_layer: int = 8
+    min_hidden: int = 32
+    max_ratio: dict[str, float] = field(default_factory=dict)  # per kind, per event
+    kinds: list[str] = field(default_factory=lambda: ["head", "ffn", "hidden"])
+    normalisation: str = "per_parameter"  # per_parameter | per_group
+    kind_weights: dict[str, float] = field(default_factory=dict)  # per-parameter weights per kind
+    compensation: str = "obs"  # obs | none
+    damping: float = 0.01
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -103,6 +127,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -205,6 +230,43 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _validate_prune(pr: PruneConfig, t: TrainingConfig, tp: int) -> None:
+    """What can be checked without the model; targets against the model are checked in setup."""
+    if not pr.enabled:
+        return
+    _require(
+        (pr.target_params is None) != (pr.target_ratio is None),
+        "prune: set exactly one of prune.target_params and prune.target_ratio",
+    )
+    _require(
+        pr.target_ratio is None or 0.0 < pr.target_ratio < 1.0,
+        f"prune.target_ratio must be in (0, 1) (the fraction kept), got {pr.target_ratio}",
+    )
+    _require(
+        0 <= pr.start_step <= pr.end_step <= t.train_iters,
+        f"prune.start_step {pr.start_step} and end_step {pr.end_step} must satisfy "
+        f"0 <= start_step <= end_step <= training.train_iters ({t.train_iters})",
+    )
+    _require(pr.interval >= 1, f"prune.interval must be >= 1, got {pr.interval}")
+    _require(pr.align >= 1, f"prune.align must be >= 1, got {pr.align}")
+    _require(
+        pr.align % tp == 0 or tp % pr.align == 0,
+        f"prune.align {pr.align} is incompatible with tensor_model_parallel_size {tp}: "
+        f"use a multiple or a divisor of {tp}",
+    )
+    kinds = ("head", "ffn", "hidden", "layer")
+    bad = [k for k in pr.kinds + list(pr.max_ratio) + list(pr.kind_weights) if k not in kinds]
+    _require(not bad, f"prune: unknown group kind '{bad[0] if bad else ''}'; valid: {', '.join(kinds)}")
+    _require(
+        pr.normalisation in ("per_parameter", "per_group"),
+        f"prune.normalisation must be per_parameter or per_group, got '{pr.normalisation}'",
+    )
+    _require(
+        pr.compensation in ("obs", "none"),
+        f"prune.compensation must be obs or none, got '{pr.compensation}'",
+    )
+
+
 def validate(config: Config, world_size: int | None = None) -> None:
     """Everything that can be checked without data or process groups."""
     m, p, d, t = config.model, config.parallel, config.data, config.training
@@ -241,6 +303,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
     )
     _require(0 <= t.lr_warmup_iters < t.train_iters,
              f"training.lr_warmup_iters must be in [0, train_iters={t.train_iters}), got {t.lr_warmup_iters}")
+    _validate_prune(config.prune, t, tp)
     if world_size is not None:
         _require(
             world_size % (tp * pp) == 0,
