@@ -85,14 +85,22 @@ class TrainingConfig:
     eval_interval: int = 50
     eval_iters: int = 4
     tensorboard: bool = True
+    # Stop early (checkpoint, then exit code 75) like Megatron-LM: after this iteration number /
+    # after this many minutes of wall time. SIGTERM and SIGUSR1 do the same at the next step.
+    exit_interval: int | None = None
+    exit_duration_in_mins: float | None = None
+    exit_signal_handler: bool = True
 
 
 @dataclass
 class CheckpointConfig:
     save: str | None = None  # directory; None: <run_dir>/checkpoints
     load: str | None = None
-    save_interval: int | None = None  # None: only at the end
-    keep_last: int = 2
+    save_interval: int | None = None  # None: only at the end (and when stopped early)
+    keep_last: int = 2  # complete checkpoints kept; 0 keeps all
+    # A damaged newest checkpoint is an error; with this, the previous complete one is loaded
+    # instead (and the fallback is logged).
+    fallback_to_previous: bool = False
 
 
 @dataclass
@@ -119,6 +127,36 @@ class PruneConfig:
     damping: float = 0.01
 
 
+SALIENCY_CRITERIA = ("fisher", "taylor")
+SALIENCY_KINDS = ("head", "ffn", "hidden", "layer")
+
+
+@dataclass
+class SaliencyConfig:
+    """Per-shard saliency accumulators and local Hessians (pruning/saliency.py, hessian.py).
+
+    `criterion`: fisher = EMA of ½Σ g²w² (optimal brain damage, empirical Fisher diagonal);
+    taylor = EMA of |Σ g w|. `hessian_window`: batches before a pruning event over which the
+    consumer matrices' H = Σ XᵀX is collected. `kinds`: which groups are scored ("head" also
+    scores the KV groups' k/v rows)."""
+
+    enabled: bool = False
+    criterion: str = "fisher"
+    ema_beta: float = 0.9
+    hessian_window: int = 4
+    kinds: list[str] = field(default_factory=lambda: list(SALIENCY_KINDS))
+
+    def __post_init__(self) -> None:
+        _require(
+            self.criterion in SALIENCY_CRITERIA,
+            f"saliency.criterion must be one of {', '.join(SALIENCY_CRITERIA)}, got '{self.criterion}'",
+        )
+        _require(0.0 <= self.ema_beta < 1.0, f"saliency.ema_beta must be in [0, 1), got {self.ema_beta}")
+        _require(self.hessian_window >= 0, f"saliency.hessian_window must be >= 0, got {self.hessian_window}")
+        bad = [k for k in self.kinds if k not in SALIENCY_KINDS]
+        _require(not bad, f"saliency.kinds: unknown kind '{bad[0] if bad else ''}'; valid: {', '.join(SALIENCY_KINDS)}")
+
+
 @dataclass
 class Config:
     run_dir: str = "runs/default"
@@ -128,6 +166,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

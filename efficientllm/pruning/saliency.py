@@ -1,0 +1,290 @@
+"""Per-shard saliency accumulators: a few floats per group, updated from the gradient the
+training step already computed (megatron DDP's DP-reduced `main_grad`), no extra forward or
+backward and no copy of the model.
+
+Per step, for every group g this rank holds a part of:
+
+- fisher: ½ Σ_{i∈g} g_i² w_i²  (optimal brain damage with the empirical Fisher diagonal)
+- taylor: Σ_{i∈g} g_i w_i       (first order; the score is its absolute value)
+
+Both are computed per matrix with vectorised reductions of P = G ⊙ W (row / column sums of P
+and P², then gathered into group bins with the index views of `groups.py`) and folded into an
+exponential moving average (the first update initialises it). head, kv_group and ffn groups
+are rank-local, so their taylor score is the EMA of |Σ g w|. A hidden channel's sums are partial
+on every TP rank and PP stage; an absolute value can only be taken after they are added up,
+which would need a collective every step, so hidden taylor keeps the EMA of the *signed*
+partial sum and `sync.global_score_table` takes |·| of the global sum (|EMA Σ g w|).
+
+Layer score: EMA of the mean over tokens of 1 − cos(x_in, x_out) of each block (ShortGPT /
+Minitron), from forward hooks during training forwards only.
+
+Call `update()` once per step, after the schedule ran (gradients reduced over DP) and before
+`optimizer.step()`. Nothing here uses a collective; `sync.py` reduces at decision time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+
+from efficientllm.architecture import Architecture
+from efficientllm.config import SaliencyConfig
+from efficientllm.pruning.groups import LocalLayer, ShardGroups, shard_groups
+from efficientllm.pruning.layout import kept_hidden
+from efficientllm.pruning.plan import Plan
+
+_STAT_DTYPE = torch.float64  # accumulators are tiny; fp64 keeps layouts within round-off
+
+
+def _grad(param: torch.nn.Parameter) -> torch.Tensor | None:
+    """The gradient the optimizer will use: megatron DDP's main_grad, else .grad."""
+    grad = getattr(param, "main_grad", None)
+    return grad if grad is not None else param.grad
+
+
+def _products(param: torch.nn.Parameter) -> torch.Tensor | None:
+    grad = _grad(param)
+    if grad is None:
+        return None
+    return grad.float() * param.detach().float()
+
+
+def _sums(p: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ p², Σ p) reduced over `dim`, in the accumulators' dtype."""
+    return (p * p).sum(dim, dtype=_STAT_DTYPE), p.sum(dim, dtype=_STAT_DTYPE)
+
+
+class SaliencyAccumulator:
+    """EMA saliency statistics of every group on this rank (see the module docstring).
+
+    `stats[layer]` (global 0-based layer) holds, per local group in global order:
+    head_fisher, head_taylor, kv_group_fisher, kv_group_taylor, ffn_fisher, ffn_taylor (taylor
+    already |·|) and `cos` (a 0-d tensor); `hidden_fisher` / `hidden_taylor` are [h] partial
+    sums (taylor signed)."""
+
+    def __init__(self, model: list[torch.nn.Module], arch: Architecture, config: SaliencyConfig | None = None):
+        self.config = config or SaliencyConfig(enabled=True)
+        self.kinds = set(self.config.kinds)
+        self.steps = 0
+        self._hooks: list[Any] = []
+        self._check_gradients_are_complete(model)
+        self._bind(model, arch)
+        self._reset_stats()
+
+    # ----- setup -------------------------------------------------------------------------
+    @staticmethod
+    def _check_gradients_are_complete(model) -> None:
+        chunks = model if isinstance(model, (list, tuple)) else [model]
+        ddp = getattr(chunks[0], "ddp_config", None)
+        if (
+            ddp is not None
+            and ddp.use_distributed_optimizer
+            and parallel_state.get_data_parallel_world_size() > 1
+        ):
+            raise ValueError(
+                "saliency: with parallel.use_distributed_optimizer and data-parallel size > 1, "
+                "main_grad holds the DP-reduced gradient only on this rank's optimizer shard; "
+                "saliency accumulators need the plain optimizer there"
+            )
+
+    def _bind(self, model, arch: Architecture) -> None:
+        self.model = model
+        self.groups: ShardGroups = shard_groups(model, arch)
+        self.arch = arch
+        self._cos_sum: dict[int, torch.Tensor] = {}
+        self._cos_count: dict[int, int] = {}
+        if "layer" in self.kinds:
+            for local in self.groups.layers:
+                self._hooks.append(
+                    local.module.register_forward_hook(self._layer_hook(local.layer), with_kwargs=True)
+                )
+
+    def _zeros(self, n: int) -> torch.Tensor:
+        return torch.zeros(n, dtype=_STAT_DTYPE)
+
+    def _reset_stats(self) -> None:
+        self.steps = 0
+        self.stats: dict[int, dict[str, torch.Tensor]] = {}
+        for l in self.groups.layers:
+            nh, ng, nf = len(l.global_heads), len(l.global_kv_groups), len(l.global_ffn)
+            self.stats[l.layer] = {
+                "head_fisher": self._zeros(nh), "head_taylor": self._zeros(nh),
+                "kv_group_fisher": self._zeros(ng), "kv_group_taylor": self._zeros(ng),
+                "ffn_fisher": self._zeros(nf), "ffn_taylor": self._zeros(nf),
+                "cos": torch.zeros((), dtype=_STAT_DTYPE),
+            }
+        h = self.arch.hidden_size
+        self.hidden_fisher = self._zeros(h)
+        self.hidden_taylor = self._zeros(h)
+
+    def _layer_hook(self, layer: int):
+        def hook(module, args, kwargs, output):
+            if not module.training:
+                return
+            x_in = kwargs.get("hidden_states", args[0] if args else None)
+            x_out = output[0] if isinstance(output, tuple) else output
+            if x_in is None or x_out is None:
+                return
+            with torch.no_grad():
+                cos = F.cosine_similarity(x_in.detach().float(), x_out.detach().float(), dim=-1)
+                self._cos_sum[layer] = self._cos_sum.get(layer, 0.0) + (1.0 - cos).sum(dtype=_STAT_DTYPE)
+                self._cos_count[layer] = self._cos_count.get(layer, 0) + cos.numel()
+
+        return hook
+
+    def remove(self) -> None:
+        """Remove the forward hooks (statistics are kept)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # ----- one step ----------------------------------------------------------------------
+    def _ema(self, stat: torch.Tensor, value: torch.Tensor) -> None:
+        beta = self.config.ema_beta if self.steps > 0 else 0.0
+        stat.mul_(beta).add_(value, alpha=1.0 - beta)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold this step's gradients into the EMAs (after the DP reduction, before the
+        optimizer step)."""
+        want_hidden = "hidden" in self.kinds
+        want_heads, want_ffn = "head" in self.kinds, "ffn" in self.kinds
+        hidden_f = self._zeros(self.arch.hidden_size) if want_hidden else None
+        hidden_t = self._zeros(self.arch.hidden_size) if want_hidden else None
+        for local in self.groups.layers:
+            s = self.stats[local.layer]
+            if want_heads or want_hidden:
+                self._attention(local, s, hidden_f, hidden_t, want_heads)
+            if want_ffn or want_hidden:
+                self._mlp(local, s, hidden_f, hidden_t, want_ffn)
+            if want_hidden and self.groups.tp_rank == 0:
+                for norm in local.norms:
+                    self._add_hidden(norm, hidden_f, hidden_t)
+            if local.layer in self._cos_count:
+                count = self._cos_count.pop(local.layer)
+                self._ema(s["cos"], self._cos_sum.pop(local.layer) / count)
+        if want_hidden:
+            for touch in self.groups.stem:
+                if not touch.replicated or self.groups.tp_rank == 0:
+                    self._add_hidden(touch, hidden_f, hidden_t)
+            self._ema(self.hidden_fisher, hidden_f)
+            self._ema(self.hidden_taylor, hidden_t)
+        self.steps += 1
+
+    def _attention(self, local: LocalLayer, s, hidden_f, hidden_t, want_heads: bool) -> None:
+        qkv, proj = _products(local.qkv), _products(local.proj)
+        if qkv is None or proj is None:
+            return
+        if want_heads:
+            rows_f, rows_t = _sums(qkv, 1)
+            cols_f, cols_t = _sums(proj, 0)
+            head_f = rows_f[local.head_qkv_rows].sum(1) + cols_f[local.head_proj_cols].sum(1)
+            head_t = rows_t[local.head_qkv_rows].sum(1) + cols_t[local.head_proj_cols].sum(1)
+            self._ema(s["head_fisher"], 0.5 * head_f)
+            self._ema(s["head_taylor"], head_t.abs())
+            self._ema(s["kv_group_fisher"], 0.5 * rows_f[local.kv_qkv_rows].sum(1))
+            self._ema(s["kv_group_taylor"], rows_t[local.kv_qkv_rows].sum(1).abs())
+        if hidden_f is not None:
+            for p, dim in ((qkv, 0), (proj, 1)):
+                f, t = _sums(p, dim)
+                hidden_f.add_(f, alpha=0.5)
+                hidden_t.add_(t)
+
+    def _mlp(self, local: LocalLayer, s, hidden_f, hidden_t, want_ffn: bool) -> None:
+        fc1, fc2 = _products(local.fc1), _products(local.fc2)
+        if fc1 is None or fc2 is None:
+            return
+        if want_ffn:
+            rows_f, rows_t = _sums(fc1, 1)
+            cols_f, cols_t = _sums(fc2, 0)
+            self._ema(s["ffn_fisher"], 0.5 * (rows_f[local.ffn_fc1_rows].sum(1) + cols_f[local.ffn_fc2_cols]))
+            self._ema(s["ffn_taylor"], (rows_t[local.ffn_fc1_rows].sum(1) + cols_t[local.ffn_fc2_cols]).abs())
+        if hidden_f is not None:
+            for p, dim in ((fc1, 0), (fc2, 1)):
+                f, t = _sums(p, dim)
+                hidden_f.add_(f, alpha=0.5)
+                hidden_t.add_(t)
+
+    @staticmethod
+    def _add_hidden(touch, hidden_f: torch.Tensor, hidden_t: torch.Tensor) -> None:
+        p = _products(touch.param)
+        if p is None:
+            return
+        if touch.dim is None:
+            hidden_f.add_((p * p).to(_STAT_DTYPE), alpha=0.5)
+            hidden_t.add_(p.to(_STAT_DTYPE))
+        else:
+            f, t = _sums(p, touch.dim)
+            hidden_f.add_(f, alpha=0.5)
+            hidden_t.add_(t)
+
+    # ----- checkpoint state --------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's statistics, keyed by global layer (restore at the same TP/PP layout)."""
+        return {
+            "steps": self.steps,
+            "tp": (self.groups.tp_rank, self.groups.tp_size),
+            "layers": {l: {k: v.clone() for k, v in s.items()} for l, s in self.stats.items()},
+            "hidden_fisher": self.hidden_fisher.clone(),
+            "hidden_taylor": self.hidden_taylor.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if tuple(state["tp"]) != (self.groups.tp_rank, self.groups.tp_size) or set(state["layers"]) != set(self.stats):
+            raise ValueError(
+                f"saliency state was saved at TP rank/size {tuple(state['tp'])} for layers "
+                f"{sorted(state['layers'])}; this rank is {(self.groups.tp_rank, self.groups.tp_size)} "
+                f"with layers {sorted(self.stats)} (reset the accumulators to resume at another layout)"
+            )
+        for l, s in state["layers"].items():
+            for k, v in s.items():
+                if v.shape != self.stats[l][k].shape:
+                    raise ValueError(f"saliency state: layer {l} {k} has shape {tuple(v.shape)}, expected {tuple(self.stats[l][k].shape)}")
+                self.stats[l][k].copy_(v)
+        self.hidden_fisher.copy_(state["hidden_fisher"])
+        self.hidden_taylor.copy_(state["hidden_taylor"])
+        self.steps = int(state["steps"])
+
+    # ----- after a pruning event ---------------------------------------------------------
+    def reindex(self, plan: Plan, old_arch: Architecture, model) -> None:
+        """Keep the statistics of the surviving groups, re-bound to the pruned `model` (whose
+        Architecture is `plan.apply(old_arch)`). Layers are renumbered past removed ones."""
+        new_arch = plan.apply(old_arch)
+        removed_layers = set(plan.layers)
+        kept: dict[int, dict[str, torch.Tensor]] = {}
+        for local in self.groups.layers:
+            l = local.layer
+            if l in removed_layers:
+                continue
+            s, lay, heads = self.stats[l], local.layout, plan.removed_heads(l)
+            gone_heads, gone_groups = set(heads), set(lay.removed_groups(heads))
+            gone_ffn = set(plan.removed_ffn(l))
+            keep = {
+                "head": [i for i, k in enumerate(local.global_heads) if k not in gone_heads],
+                "kv_group": [i for i, g in enumerate(local.global_kv_groups) if g not in gone_groups],
+                "ffn": [i for i, c in enumerate(local.global_ffn) if c not in gone_ffn],
+            }
+            new_l = l - sum(1 for r in removed_layers if r < l)
+            kept[new_l] = {
+                k: (v if k == "cos" else v[torch.tensor(keep[k.rsplit("_", 1)[0]], dtype=torch.long)])
+                for k, v in s.items()
+            }
+        hidden = kept_hidden(old_arch, plan.hidden)
+        hidden_f, hidden_t, steps = self.hidden_fisher[hidden], self.hidden_taylor[hidden], self.steps
+        self.remove()
+        self._bind(model, new_arch)
+        self._reset_stats()
+        if set(kept) != set(self.stats) or any(
+            kept[l][k].shape != self.stats[l][k].shape for l in kept for k in kept[l]
+        ):
+            return  # the shards moved (uneven per-rank removal): start the statistics afresh
+        self.stats, self.hidden_fisher, self.hidden_taylor, self.steps = kept, hidden_f, hidden_t, steps
+
+    def reset(self) -> None:
+        self._reset_stats()
+        self._cos_sum.clear()
+        self._cos_count.clear()
+

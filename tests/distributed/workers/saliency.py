@@ -1,0 +1,65 @@
+"""Worker for multi-rank saliency tests: train with accumulators on, open the Hessian window
+for the last steps, then write the global score table and this rank's reduced Hessians.
+
+Usage: python tests/distributed/workers/saliency.py OUT_DIR CONFIG [KEY=VALUE ...]
+Writes OUT_DIR/rank{R}.pt: {"table", "hessians", "losses", "tp_rank", "tp_size", "pp_rank"}.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from efficientllm.config import load_config
+from efficientllm.pruning.hessian import HessianCollector
+from efficientllm.pruning.saliency import SaliencyAccumulator
+from efficientllm.pruning.sync import global_score_table, reduce_hessians_over_dp
+from efficientllm.training.trainer import Trainer
+
+
+def main() -> None:
+    out_dir, config_path, *overrides = sys.argv[1:]
+    config = load_config(config_path, overrides)
+    trainer = Trainer(config)
+    try:
+        trainer.setup()
+        saliency = SaliencyAccumulator(trainer.model, trainer.arch, config.saliency)
+        hessians = HessianCollector(trainer.model, trainer.arch)
+        step = trainer.optimizer.step
+
+        def step_with_saliency():  # == the trainer line: saliency.update() before optimizer.step()
+            saliency.update()
+            return step()
+
+        trainer.optimizer.step = step_with_saliency
+        iterator = trainer._iterators(trainer.data.train, 0)
+        steps, window = config.training.train_iters, config.saliency.hessian_window
+        losses = []
+        for i in range(steps):
+            if i == steps - window:
+                hessians.open_window()
+            losses.append(trainer.train_step(iterator)["loss"])
+        hessians.close_window()
+        tables = {c: global_score_table(saliency, c) for c in ("fisher", "taylor")}
+        reduce_hessians_over_dp(hessians)
+        torch.save(
+            {
+                "tables": tables,
+                "hessians": hessians.hessians,
+                "losses": losses,
+                "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+                "tp_size": parallel_state.get_tensor_model_parallel_world_size(),
+                "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+                "dp_rank": parallel_state.get_data_parallel_rank(),
+            },
+            Path(out_dir, f"rank{trainer.launch.rank}.pt"),
+        )
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    main()
