@@ -1,7 +1,9 @@
 """The command line: `efficientllm train | preprocess | inspect`.
 
 Every user error (config, data, checkpoint, launch environment) is printed as one line on
-stderr with exit code 2, before any process group is formed where that is possible.
+stderr with exit code 2, before any process group is formed where that is possible. A training
+run that stops early with a checkpoint written (SIGTERM/SIGUSR1, training.exit_interval,
+training.exit_duration_in_mins) exits with 75: resume it with checkpoint.load.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def _train(args: argparse.Namespace) -> int:
         trainer.finish()
     finally:
         trainer.close()
-    return 0
+    return trainer.exit_code
 
 
 def _preprocess(args: argparse.Namespace) -> int:
@@ -38,6 +40,12 @@ def _preprocess(args: argparse.Namespace) -> int:
     record = preprocess_files(args.input, tokenizer, args.output_prefix, json_key=args.json_key)
     print(record)
     return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from efficientllm import inspect
+
+    return inspect.main(args.checkpoint, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,14 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     pre.add_argument("--json-key", default="text", help="JSONL field holding the text")
     pre.set_defaults(func=_preprocess)
+
+    ins = sub.add_parser("inspect", help="show a checkpoint's architecture, iteration and tokens")
+    ins.add_argument("checkpoint", help="a save directory (its latest checkpoint) or one iter_N directory")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ins.set_defaults(func=_inspect)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", module="megatron")
     from efficientllm.errors import USER_ERRORS
 
     args = build_parser().parse_args(argv)
-    warnings.filterwarnings("ignore", module="megatron")
     try:
         return args.func(args)
     except USER_ERRORS as err:

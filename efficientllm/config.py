@@ -85,8 +85,9 @@ class TrainingConfig:
     eval_interval: int = 50
     eval_iters: int = 4
     tensorboard: bool = True
-    # Stop early (checkpoint, then exit code 75) like Megatron-LM: after this iteration number /
-    # after this many minutes of wall time. SIGTERM and SIGUSR1 do the same at the next step.
+    # Stop early like Megatron-LM (checkpoint, then exit code 75, training/signals.py): at an
+    # iteration divisible by exit_interval, or after exit_duration_in_mins of wall time; with
+    # exit_signal_handler, SIGTERM and SIGUSR1 do the same at the next step boundary.
     exit_interval: int | None = None
     exit_duration_in_mins: float | None = None
     exit_signal_handler: bool = True

@@ -4,5 +4,6 @@ from efficientllm.architecture import ArchitectureError
 from efficientllm.config import ConfigError
 from efficientllm.data import DataError
 from efficientllm.distributed import LaunchError
+from efficientllm.training.checkpoint import CheckpointError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ArchitectureError, ConfigError, DataError, LaunchError)
+USER_ERRORS: tuple[type[Exception], ...] = (ArchitectureError, ConfigError, DataError, LaunchError, CheckpointError)

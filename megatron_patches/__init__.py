@@ -38,9 +38,13 @@ def check_version() -> None:
 def apply() -> set[str]:
     """Apply every patch this machine needs, once; return the names of those applied."""
     check_version()
-    from megatron_patches import cpu
+    from megatron_patches import cpu, distrib_optimizer
 
     if not torch.cuda.is_available() and "cpu" not in _applied:
         cpu.apply()
         _applied.add("cpu")
+    if "distrib_optimizer_step" not in _applied:
+        # Needed wherever torch Adam is used (no apex/TE), on GPU as well.
+        distrib_optimizer.apply()
+        _applied.add("distrib_optimizer_step")
     return set(_applied)

@@ -24,9 +24,11 @@ from efficientllm.architecture import Architecture
 from efficientllm.config import Config
 from efficientllm.data.prepare import PreparedData, prepare_data
 from efficientllm.model import ModelOptions, build_model_chunks
+from efficientllm.training import checkpoint
 from efficientllm.training.batches import micro_batches
 from efficientllm.training.metrics import MetricsLogger
 from efficientllm.training.optimizer import build_optimizer, wrap_ddp
+from efficientllm.training.signals import EXIT_RESUMABLE, PreemptionHandler
 
 
 def architecture_from_config(config: Config, vocab_size: int) -> Architecture:
@@ -103,6 +105,20 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         self.state = TrainState()
         self.log: MetricsLogger | None = None
+        self.start_time = time.monotonic()
+        # Extra state saved with every checkpoint: name -> object with state_dict() and
+        # load_state_dict(), or sharded_state_dict() (see training/checkpoint.py). Register
+        # before setup() loads the checkpoint; replicated state registered later still gets
+        # its saved state on registration.
+        self.checkpointables: dict[str, Any] = {}
+        self.pending_extra_state: dict[str, Any] = {}
+        self.save_dir = Path(config.checkpoint.save or self.run_dir / "checkpoints")
+        self.exit_code = 0  # EXIT_RESUMABLE when stopped early with a checkpoint written
+
+    def register_checkpointable(self, name: str, obj: Any) -> None:
+        self.checkpointables[name] = obj
+        if name in self.pending_extra_state:
+            obj.load_state_dict(self.pending_extra_state.pop(name))
 
     # ----- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -119,9 +135,16 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.num_microbatches = c.training.global_batch_size // (c.training.micro_batch_size * self.dp_size)
         self.data: PreparedData = prepare_data(c, self.run_dir)
-        self.arch = architecture_from_config(c, self.data.tokenizer.vocab_size)
-        self.data.check_vocab(self.arch.vocab_size)
-        self.build_model(self.arch)
+        # A checkpoint's own Architecture (perhaps pruned) is built before its shards load.
+        resume = c.checkpoint.load and checkpoint.find_checkpoint(c.checkpoint.load, c.checkpoint.fallback_to_previous)
+        if resume:
+            arch = checkpoint.architecture_for_load(checkpoint.read_meta(resume), c, resume)
+        else:
+            arch = architecture_from_config(c, self.data.tokenizer.vocab_size)
+        self.data.check_vocab(arch.vocab_size)
+        self.build_model(arch)
+        if resume:
+            checkpoint.load(self, resume)
         self.log = MetricsLogger(
             self.run_dir,
             c.training.train_iters,
@@ -129,6 +152,10 @@ class Trainer:
             enabled=distributed.is_logging_rank(),
             tensorboard=c.training.tensorboard,
         )
+        if resume:
+            self.log.print(f"resumed from {resume} at iteration {self.state.iteration}")
+        elif c.checkpoint.load:
+            self.log.print(f"no checkpoint in {c.checkpoint.load}: starting from scratch")
 
     def build_model(self, arch: Architecture) -> None:
         self.arch = arch
@@ -197,8 +224,10 @@ class Trainer:
     # ----- the loop ----------------------------------------------------------------------
     def train(self) -> TrainState:
         c = self.config.training
+        save_interval = self.config.checkpoint.save_interval
         tokens_per_step = c.global_batch_size * self.config.data.seq_length
         iterator = self._iterators(self.data.train, self.state.consumed_samples)
+        preemption = PreemptionHandler().install() if c.exit_signal_handler else PreemptionHandler()
         window_start, window_steps = time.perf_counter(), 0
         while self.state.iteration < c.train_iters:
             metrics = self.train_step(iterator)
@@ -218,7 +247,37 @@ class Trainer:
                 self.log.record("train", step, metrics, echo=False)
             if c.eval_interval and (step % c.eval_interval == 0 or step == c.train_iters):
                 self.log.record("valid", step, self.evaluate())
+            stop = self._stop_reason(step, preemption) if step < c.train_iters else None
+            if stop or step == c.train_iters or (save_interval and step % save_interval == 0):
+                self.save_checkpoint()
+            if stop:
+                self.log.print(f"stopping at iteration {step} ({stop}); resume with checkpoint.load={self.save_dir}")
+                self.exit_code = EXIT_RESUMABLE
+                break
+        preemption.uninstall()
         return self.state
+
+    def _stop_reason(self, step: int, preemption: PreemptionHandler) -> str | None:
+        """Why to stop before train_iters, agreed by every rank (one tiny all-reduce)."""
+        c = self.config.training
+        elapsed_mins = (time.monotonic() - self.start_time) / 60
+        flags = torch.tensor(
+            [preemption.requested, c.exit_duration_in_mins is not None and elapsed_mins > c.exit_duration_in_mins],
+            dtype=torch.int32,
+        )
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0]:
+            return "signal"
+        if flags[1]:
+            return f"exit_duration_in_mins={c.exit_duration_in_mins}"
+        if c.exit_interval and step % c.exit_interval == 0:
+            return f"exit_interval={c.exit_interval}"
+        return None
+
+    def save_checkpoint(self) -> None:
+        start = time.perf_counter()
+        path = checkpoint.save(self, self.save_dir)
+        self.log.print(f"saved checkpoint {path} in {time.perf_counter() - start:.2f}s")
 
     def finish(self) -> None:
         """Say where the results are."""

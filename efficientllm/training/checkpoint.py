@@ -1,0 +1,445 @@
+"""Sharded checkpoints (megatron-core `dist_checkpointing`, `torch_dist`) with exact resume.
+
+Layout, Megatron-LM style, under the save directory:
+
+    latest_checkpointed_iteration.txt     the newest complete iteration (written last)
+    iter_0000100/                         one complete checkpoint
+        metadata.json, .metadata, *.distcp, common.pt    megatron-core: model + optimizer shards
+        efficientllm.json                 Architecture, iteration, data position, layout, config
+        trainer_state.pt                  LR scheduler, TrainState, `extra` (pruning state, ...)
+        rng/rank_00000.pt                 every rank's RNG states
+        manifest.json                     every file above with its size (written last)
+
+A checkpoint is written under `iter_0000100.partial/`, synced, and renamed: a directory named
+`iter_N` is complete by construction. The tracker is replaced atomically after the rename, and
+older checkpoints beyond `keep_last` are deleted only after that, so a crash at any moment leaves
+the previous complete checkpoint loadable.
+
+Loading rebuilds the model from the stored Architecture before any shard is read, so a pruned
+model loads at its own shapes and at any TP/PP that divides its widths.
+
+Extra state (pruning schedule, saliency accumulators, ...) goes through
+`Trainer.checkpointables`: name -> object with `state_dict()`/`load_state_dict(sd)` (replicated
+state: saved by rank 0, loaded on every rank) or with `sharded_state_dict()` (megatron
+ShardedTensors: saved in the sharded checkpoint and resharded on load). An object may also
+have `summary() -> dict` (JSON), shown by `efficientllm inspect`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from efficientllm.architecture import Architecture, ArchitectureError
+
+if TYPE_CHECKING:
+    from efficientllm.config import Config
+    from efficientllm.training.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "efficientllm-checkpoint/1"
+TRACKER = "latest_checkpointed_iteration.txt"
+META = "efficientllm.json"
+TRAINER_STATE = "trainer_state.pt"
+RNG_DIR = "rng"
+MANIFEST = "manifest.json"
+PARTIAL_SUFFIX = ".partial"
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+# The distributed optimizer's layout in the checkpoint: gathered over DP into one tensor per
+# parameter state, so it reshards over TP/PP/DP like the model (megatron-core 0.16 no longer
+# supports the flattened-range "fully_sharded_model_space" format).
+DIST_OPTIM_SHARDING = "fully_reshardable"
+# Fields of the model config that decide the Architecture a checkpoint was built from.
+_MODEL_SHAPE_FIELDS = (
+    "hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+    "head_dim", "layers", "vocab_size", "untie_embeddings_and_output_weights",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt, or does not fit this run."""
+
+
+# ----- directory layout ------------------------------------------------------------------------
+def iteration_dir(save_dir: str | Path, iteration: int) -> Path:
+    return Path(save_dir) / f"iter_{iteration:07d}"
+
+
+def complete_iterations(save_dir: str | Path) -> list[int]:
+    """Iterations with a complete checkpoint directory (renamed into place), oldest first."""
+    root = Path(save_dir)
+    if not root.is_dir():
+        return []
+    found = [int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _ITER_DIR.match(p.name))]
+    return sorted(found)
+
+
+def read_tracker(save_dir: str | Path) -> int | None:
+    path = Path(save_dir) / TRACKER
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"tracker file {path} does not hold an iteration number: {text!r}")
+    return int(text)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync_file(path)
+    except OSError:  # some filesystems do not allow syncing a directory
+        pass
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def write_manifest(ckpt_dir: Path) -> None:
+    """Sync every file of the checkpoint and record its size; the manifest goes last."""
+    files = {}
+    for path in _files_under(ckpt_dir):
+        if path.name == MANIFEST:
+            continue
+        _fsync_file(path)
+        files[str(path.relative_to(ckpt_dir))] = path.stat().st_size
+    for sub in {p.parent for p in _files_under(ckpt_dir)}:
+        _fsync_dir(sub)
+    _write_atomically(ckpt_dir / MANIFEST, json.dumps({"format": FORMAT, "files": files}, indent=1))
+
+
+def verify(ckpt_dir: str | Path) -> dict[str, Any]:
+    """Check that every file the checkpoint was written with is there at its size; return its
+    metadata. Raises CheckpointError naming the first missing or truncated file."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
+    manifest_path = ckpt_dir / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: {manifest_path} is missing") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint manifest {manifest_path} is corrupt: {err}") from None
+    for name, size in files.items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"checkpoint file {path} is truncated or altered: {actual} bytes, written with {size}")
+    return read_meta(ckpt_dir)
+
+
+def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
+    path = Path(ckpt_dir) / META
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint metadata {path} is missing") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint metadata {path} is corrupt: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    return meta
+
+
+def find_checkpoint(load: str | Path, fallback_to_previous: bool = False) -> Path | None:
+    """The checkpoint to resume from: `load` may be a save directory (the tracker's iteration,
+    else the newest complete one) or one `iter_N` directory. None when there is none yet.
+    A damaged checkpoint is an error unless `fallback_to_previous`, which then loads the newest
+    older complete one and says so."""
+    load = Path(load)
+    if _ITER_DIR.match(load.name) and load.is_dir():
+        verify(load)
+        return load
+    complete = complete_iterations(load)
+    tracked = read_tracker(load)
+    if tracked is None and not complete:
+        return None
+    newest = tracked if tracked is not None else complete[-1]
+    candidates = [newest] + [i for i in reversed(complete) if i < newest]
+    for index, iteration in enumerate(candidates):
+        path = iteration_dir(load, iteration)
+        try:
+            if not path.is_dir():
+                raise CheckpointError(f"tracker {load / TRACKER} names iteration {iteration} but {path} does not exist")
+            verify(path)
+        except CheckpointError as err:
+            if not fallback_to_previous:
+                raise CheckpointError(f"{err} (set checkpoint.fallback_to_previous=true to load the previous complete checkpoint)") from None
+            logger.warning("checkpoint %s is not loadable: %s", path, err)
+            _say(f"WARNING: {err}; falling back to the previous complete checkpoint")
+            continue
+        if index > 0:
+            _say(f"WARNING: loading the previous complete checkpoint {path}")
+        return path
+    raise CheckpointError(f"no loadable checkpoint in {load} (tried iterations {candidates})")
+
+
+def _say(text: str) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(text, flush=True)
+
+
+# ----- the Architecture a checkpoint is loaded at ----------------------------------------------
+def architecture_for_load(meta: dict[str, Any], config: "Config", ckpt_dir: Path) -> Architecture:
+    """The stored Architecture, after checking that the run's model config is the one the
+    checkpoint was trained from and that this TP/PP can hold it."""
+    arch = Architecture.from_dict(meta["architecture"])
+    saved_model = meta["config"]["model"]
+    current = dataclasses.asdict(config.model)
+    differ = [f for f in _MODEL_SHAPE_FIELDS if saved_model.get(f) != current.get(f)]
+    if differ:
+        detail = ", ".join(f"model.{f}: config {current.get(f)!r} vs checkpoint {saved_model.get(f)!r}" for f in differ)
+        raise CheckpointError(
+            f"the model config does not match checkpoint {ckpt_dir} ({detail}); the model is "
+            f"rebuilt from the checkpoint's Architecture, so use the model section it was trained with"
+        )
+    tp = config.parallel.tensor_model_parallel_size
+    valid = arch.valid_tensor_parallel_sizes()
+    if tp not in valid:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} cannot be loaded at tensor_model_parallel_size {tp}: its "
+            f"Architecture's widths allow TP sizes {valid}"
+        )
+    stages = config.parallel.pipeline_model_parallel_size * (config.parallel.virtual_pipeline_model_parallel_size or 1)
+    if arch.num_layers % stages:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} has {arch.num_layers} layers, not divisible by {stages} pipeline stages"
+        )
+    return arch
+
+
+# ----- what is saved ---------------------------------------------------------------------------
+def _model_key(index: int, num_chunks: int) -> str:
+    return "model" if num_chunks == 1 else f"model{index}"
+
+
+def _sharded_state_dict(trainer: "Trainer", is_loading: bool) -> dict[str, Any]:
+    """Model chunks + optimizer (+ sharded extra state) as one megatron sharded state dict."""
+    state: dict[str, Any] = {}
+    for index, chunk in enumerate(trainer.model):
+        state[_model_key(index, len(trainer.model))] = chunk.module.sharded_state_dict()
+    optimizer = trainer.optimizer
+    if is_loading and trainer.config.parallel.use_distributed_optimizer:
+        for part in _parts(optimizer):
+            if len(part.optimizer.state) == 0:
+                # Its sharded state dict reads the (empty) state it will be loaded into.
+                part._init_optimizer_states_with_dummy_values()
+    metadata = {"distrib_optim_sharding_type": DIST_OPTIM_SHARDING}
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
+    extra = {name: obj.sharded_state_dict() for name, obj in trainer.checkpointables.items()
+             if hasattr(obj, "sharded_state_dict")}
+    if extra:
+        state["extra"] = extra
+    return state
+
+
+def _parts(optimizer: Any) -> list[Any]:
+    """The megatron optimizers inside a (possibly chained) optimizer."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch_cpu": torch.get_rng_state(),
+        "megatron_tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch_cpu"])
+    get_cuda_rng_tracker().set_states(state["megatron_tracker"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+
+
+def _layout(trainer: "Trainer") -> dict[str, Any]:
+    import torch.distributed as dist
+
+    p = trainer.config.parallel
+    return {
+        "tensor_model_parallel_size": p.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+        "virtual_pipeline_model_parallel_size": p.virtual_pipeline_model_parallel_size,
+        "data_parallel_size": trainer.dp_size,
+        "world_size": dist.get_world_size(),
+        "use_distributed_optimizer": p.use_distributed_optimizer,
+    }
+
+
+def _meta(trainer: "Trainer") -> dict[str, Any]:
+    seq = trainer.config.data.seq_length
+    summaries = {name: obj.summary() for name, obj in trainer.checkpointables.items() if hasattr(obj, "summary")}
+    return {
+        "format": FORMAT,
+        "backend": "torch_dist",
+        "iteration": trainer.state.iteration,
+        "consumed_samples": trainer.state.consumed_samples,
+        "consumed_tokens": trainer.state.consumed_samples * seq,
+        "seq_length": seq,
+        "architecture": trainer.arch.to_dict(),
+        "num_parameters": trainer.arch.num_parameters(),
+        "parallel": _layout(trainer),
+        "distrib_optim_sharding_type": DIST_OPTIM_SHARDING,
+        "extra": summaries,
+        "config": trainer.config.to_dict(),
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _trainer_state(trainer: "Trainer") -> dict[str, Any]:
+    return {
+        "train_state": dataclasses.asdict(trainer.state),
+        "scheduler": trainer.scheduler.state_dict(),
+        "extra": {name: obj.state_dict() for name, obj in trainer.checkpointables.items()
+                  if not hasattr(obj, "sharded_state_dict")},
+    }
+
+
+def _rng_file(ckpt_dir: Path, rank: int) -> Path:
+    return ckpt_dir / RNG_DIR / f"rank_{rank:05d}.pt"
+
+
+# ----- save ------------------------------------------------------------------------------------
+def save(trainer: "Trainer", save_dir: str | Path) -> Path:
+    """Write the checkpoint of the current iteration on every rank (a collective call)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    save_dir = Path(save_dir)
+    rank = dist.get_rank()
+    final = iteration_dir(save_dir, trainer.state.iteration)
+    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if partial.exists():  # left by a save that crashed
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    dist.barrier()
+
+    dist_checkpointing.save(_sharded_state_dict(trainer, is_loading=False), str(partial))
+    (partial / RNG_DIR).mkdir(exist_ok=True)
+    torch.save(rng_state(), _rng_file(partial, rank))
+    _fsync_file(_rng_file(partial, rank))
+    if rank == 0:
+        torch.save(_trainer_state(trainer), partial / TRAINER_STATE)
+        (partial / META).write_text(json.dumps(_meta(trainer), indent=1))
+    dist.barrier()
+
+    if rank == 0:
+        write_manifest(partial)
+        _replace_dir(partial, final)
+        _write_atomically(save_dir / TRACKER, f"{trainer.state.iteration}\n")
+        remove_old(save_dir, trainer.config.checkpoint.keep_last)
+    dist.barrier()
+    return final
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename a complete checkpoint into place (replacing one of the same iteration)."""
+    if dst.exists():
+        trash = dst.with_name(dst.name + ".old")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(dst, trash)
+        os.rename(src, dst)
+        shutil.rmtree(trash)
+    else:
+        os.rename(src, dst)
+    _fsync_dir(dst.parent)
+
+
+def remove_old(save_dir: Path, keep_last: int) -> None:
+    """Delete complete checkpoints beyond the newest `keep_last` (0 keeps all), and the leftovers
+    of crashed saves. Called only after a newer checkpoint is complete and tracked."""
+    if keep_last > 0:
+        for iteration in complete_iterations(save_dir)[:-keep_last]:
+            shutil.rmtree(iteration_dir(save_dir, iteration), ignore_errors=True)
+    for leftover in save_dir.glob(f"iter_*{PARTIAL_SUFFIX}"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+# ----- load ------------------------------------------------------------------------------------
+def load(trainer: "Trainer", ckpt_dir: str | Path) -> dict[str, Any]:
+    """Load a verified checkpoint into a trainer whose model was built from its Architecture."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    template = _sharded_state_dict(trainer, is_loading=True)
+    try:
+        loaded = dist_checkpointing.load(template, str(ckpt_dir))
+    except Exception as err:  # megatron/torch name neither the file nor the cause in one line
+        raise CheckpointError(f"cannot read the shards of checkpoint {ckpt_dir}: {type(err).__name__}: {err}".splitlines()[0]) from err
+    for index, chunk in enumerate(trainer.model):
+        chunk.module.load_state_dict(loaded[_model_key(index, len(trainer.model))])
+    trainer.optimizer.load_state_dict(loaded["optimizer"])
+    for name, sd in loaded.get("extra", {}).items():
+        trainer.checkpointables[name].load_state_dict(sd)
+
+    state = torch.load(ckpt_dir / TRAINER_STATE, weights_only=False)
+    trainer.scheduler.num_steps = 0  # megatron's scheduler load adds the saved steps to its own
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.state = type(trainer.state)(**state["train_state"])
+    trainer.pending_extra_state = dict(state["extra"])
+    for name in list(trainer.pending_extra_state):
+        if name in trainer.checkpointables:
+            trainer.checkpointables[name].load_state_dict(trainer.pending_extra_state.pop(name))
+
+    saved, now = meta["parallel"], _layout(trainer)
+    same_layout = all(saved[k] == now[k] for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "data_parallel_size", "world_size"))
+    if same_layout:
+        set_rng_state(torch.load(_rng_file(ckpt_dir, dist.get_rank()), weights_only=False))
+    else:
+        _say(f"checkpoint saved at TP{saved['tensor_model_parallel_size']} PP{saved['pipeline_model_parallel_size']} "
+             f"DP{saved['data_parallel_size']}: RNG states are not restored at this layout")
+    return meta
