@@ -35,7 +35,7 @@ def plot_pruning(events: list[dict[str, Any]], source: Architecture, final: Arch
             saliency_ax.plot(tokens, [s if s is not None else float("nan") for s in saliency],
                              label=kind, color=colour)
     ratio_ax.set(title="pruned fraction per kind", xlabel="tokens (M)", ylabel="fraction removed")
-    saliency_ax.set(title="mean saliency of removed groups", xlabel="tokens (M)", ylabel="saliency per parameter")
+    saliency_ax.set(title="mean saliency of the groups removed", xlabel="tokens (M)", ylabel="saliency (score per group)")
     saliency_ax.set_yscale("log")
     for ax in (ratio_ax, saliency_ax):
         ax.legend()

@@ -22,7 +22,9 @@ Extra state (pruning schedule, saliency accumulators, ...) goes through
 `Trainer.checkpointables`: name -> object with `state_dict()`/`load_state_dict(sd)` (replicated
 state: saved by rank 0, loaded on every rank) or with `sharded_state_dict()` (megatron
 ShardedTensors: saved in the sharded checkpoint and resharded on load). An object may also
-have `summary() -> dict` (JSON), shown by `efficientllm inspect`.
+have `summary() -> dict` (JSON), shown by `efficientllm inspect`, and `local_state_dict()` /
+`load_local_state_dict(sd)` for state that differs per rank (saliency of this rank's shards):
+saved in the rank's file beside its RNG states and restored only at the same layout.
 """
 
 from __future__ import annotations
@@ -367,7 +369,9 @@ def save(trainer: "Trainer", save_dir: str | Path) -> Path:
 
     dist_checkpointing.save(_sharded_state_dict(trainer, is_loading=False), str(partial))
     (partial / RNG_DIR).mkdir(exist_ok=True)
-    torch.save(rng_state(), _rng_file(partial, rank))
+    local = {name: obj.local_state_dict() for name, obj in trainer.checkpointables.items()
+             if hasattr(obj, "local_state_dict")}
+    torch.save({"rng": rng_state(), "local": local}, _rng_file(partial, rank))
     _fsync_file(_rng_file(partial, rank))
     if rank == 0:
         torch.save(_trainer_state(trainer), partial / TRAINER_STATE)
@@ -438,8 +442,11 @@ def load(trainer: "Trainer", ckpt_dir: str | Path) -> dict[str, Any]:
     saved, now = meta["parallel"], _layout(trainer)
     same_layout = all(saved[k] == now[k] for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "data_parallel_size", "world_size"))
     if same_layout:
-        set_rng_state(torch.load(_rng_file(ckpt_dir, dist.get_rank()), weights_only=False))
+        rank_state = torch.load(_rng_file(ckpt_dir, dist.get_rank()), weights_only=False)
+        set_rng_state(rank_state["rng"])
+        for name, sd in rank_state["local"].items():
+            trainer.checkpointables[name].load_local_state_dict(sd)
     else:
         _say(f"checkpoint saved at TP{saved['tensor_model_parallel_size']} PP{saved['pipeline_model_parallel_size']} "
-             f"DP{saved['data_parallel_size']}: RNG states are not restored at this layout")
+             f"DP{saved['data_parallel_size']}: RNG states and per-rank statistics are not restored at this layout")
     return meta

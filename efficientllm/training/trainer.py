@@ -28,6 +28,8 @@ from efficientllm.training import checkpoint
 from efficientllm.training.batches import micro_batches
 from efficientllm.training.metrics import MetricsLogger
 from efficientllm.training.optimizer import build_optimizer, wrap_ddp
+from efficientllm.training.pruning import PruningPass
+from efficientllm.reporting.plots import plot_pruning, read_records
 from efficientllm.training.signals import EXIT_RESUMABLE, PreemptionHandler
 
 
@@ -97,6 +99,12 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _describe_event(step: int, event: dict[str, Any]) -> str:
+    removed = ", ".join(f"{n} {k}" for k, n in event["removed"].items() if n)
+    return (f"[prune] step {step} params {event['params_before']:,} -> {event['params_after']:,} "
+            f"(budget {event['budget']:,}) removed {removed or 'nothing'} in {event['seconds']:.2f}s")
+
+
 class Trainer:
     def __init__(self, config: Config, launch: distributed.LaunchEnv | None = None):
         self.config = config
@@ -105,6 +113,7 @@ class Trainer:
         self.run_dir = Path(config.run_dir)
         self.state = TrainState()
         self.log: MetricsLogger | None = None
+        self.pruning: PruningPass | None = None
         self.start_time = time.monotonic()
         # Extra state saved with every checkpoint: name -> object with state_dict() and
         # load_state_dict(), or sharded_state_dict() (see training/checkpoint.py). Register
@@ -143,6 +152,12 @@ class Trainer:
             arch = architecture_from_config(c, self.data.tokenizer.vocab_size)
         self.data.check_vocab(arch.vocab_size)
         self.build_model(arch)
+        if c.prune.enabled:
+            # The schedule is measured from the configured source model, also when resuming a
+            # checkpoint that is already pruned.
+            source = architecture_from_config(c, self.data.tokenizer.vocab_size)
+            self.pruning = PruningPass(self, source)
+            self.register_checkpointable("pruning", self.pruning)
         if resume:
             checkpoint.load(self, resume)
         self.log = MetricsLogger(
@@ -158,10 +173,19 @@ class Trainer:
             self.log.print(f"no checkpoint in {c.checkpoint.load}: starting from scratch")
 
     def build_model(self, arch: Architecture) -> None:
+        self.options = model_options(self.config)
+        self.install_model(arch, build_model_chunks(arch, self.options))
+
+    def install_model(self, arch: Architecture, chunks: list) -> None:
+        """Train `chunks` (built for `arch`): fresh DDP buffers and optimizer; the LR schedule
+        carries on where it was (a pruning event does not restart warmup)."""
+        schedule = self.scheduler.state_dict() if getattr(self, "scheduler", None) else None
         self.arch = arch
-        chunks = build_model_chunks(arch, model_options(self.config))
         self.model = wrap_ddp(chunks, self.config.parallel)
         self.optimizer, self.scheduler = build_optimizer(self.model, self.config.training, self.config.parallel)
+        if schedule is not None:
+            self.scheduler.num_steps = 0  # megatron's load adds the saved steps to its own
+            self.scheduler.load_state_dict(schedule)
 
     def _iterators(self, dataset, consumed: int) -> list[Iterator] | Iterator:
         """One iterator per model chunk (virtual pipeline stages each read the same batches)."""
@@ -197,6 +221,8 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss = self._run_schedule(data_iterator, self.num_microbatches, forward_only=False)
+        if self.pruning is not None:
+            self.pruning.after_backward()
         update_successful, grad_norm, _ = self.optimizer.step()
         if update_successful:
             self.scheduler.step(increment=self.config.training.global_batch_size)
@@ -230,10 +256,17 @@ class Trainer:
         preemption = PreemptionHandler().install() if c.exit_signal_handler else PreemptionHandler()
         window_start, window_steps = time.perf_counter(), 0
         while self.state.iteration < c.train_iters:
+            if self.pruning is not None:
+                self.pruning.before_step(self.state.iteration + 1)
             metrics = self.train_step(iterator)
             window_steps += 1
             step = self.state.iteration
             self.state.history.append({"step": step, "loss": metrics["loss"]})
+            event = self.pruning.after_step(step) if self.pruning is not None else None
+            if event is not None:
+                event["tokens"] = self.state.consumed_samples * self.config.data.seq_length
+                self.log.record("prune", step, event, echo=False)
+                self.log.print(_describe_event(step, event))
             if step % c.log_interval == 0 or step == c.train_iters:
                 elapsed = time.perf_counter() - window_start
                 metrics.update(
@@ -280,10 +313,29 @@ class Trainer:
         self.log.print(f"saved checkpoint {path} in {time.perf_counter() - start:.2f}s")
 
     def finish(self) -> None:
-        """Say where the results are."""
+        """Write the run's results (architecture table and JSON, the pruning figure) and say
+        where they are, with the held-out perplexity of the final model."""
         assert self.log is not None
-        self.log.print(f"final architecture:\n{self.arch.table()}")
-        self.log.print(f"run directory: {self.run_dir.resolve()} (metrics.jsonl, tensorboard/)")
+        if not self.log.enabled:
+            return
+        run = self.run_dir.resolve()
+        (run / "architecture.json").write_text(self.arch.to_json())
+        (run / "architecture.txt").write_text(self.arch.table() + "\n")
+        lines = [f"final architecture:\n{self.arch.table()}"]
+        if self.pruning is not None:
+            events = read_records(run / "metrics.jsonl", "prune")
+            if events:
+                figure = plot_pruning(events, self.pruning.source, self.arch, run / "pruning.png")
+                lines.append(f"pruning figure: {figure}")
+        valid = read_records(run / "metrics.jsonl", "valid")
+        if valid:
+            lines.append(f"held-out loss {valid[-1]['loss']:.4f}, perplexity {valid[-1]['ppl']:.2f} "
+                         f"(step {valid[-1]['step']})")
+        last = checkpoint.read_tracker(self.save_dir)
+        if last is not None:
+            lines.append(f"final checkpoint: {checkpoint.iteration_dir(self.save_dir, last).resolve()}")
+        lines.append(f"run directory: {run} (metrics.jsonl, tensorboard/, architecture.txt)")
+        self.log.print("\n".join(lines))
 
     def close(self) -> None:
         if self.log is not None:
