@@ -19,7 +19,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 run: install
-	$(VENV)/bin/efficientllm train
+	OMP_NUM_THREADS=$$(nproc) $(VENV)/bin/efficientllm train
 
 test: install
 	$(PY) -m pytest -q tests

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
@@ -61,6 +62,12 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
     """torchrun's variables win; under plain `srun` the SLURM ones are used."""
     env = dict(os.environ if env is None else env)
@@ -81,7 +88,8 @@ def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
         port = _int_env(env, "MASTER_PORT") if "MASTER_PORT" in env else 20000 + int(job) % 20000
         source = "slurm"
     else:
-        rank, world, local, addr, port, source = 0, 1, 0, "127.0.0.1", 29500, "single"
+        # One process, no launcher: any free local port (two such runs may share a machine).
+        rank, world, local, addr, port, source = 0, 1, 0, "127.0.0.1", _free_port(), "single"
     if world < 1 or not 0 <= rank < world:
         raise LaunchError(f"rank {rank} is not in [0, world size {world}) ({source} environment)")
     if not 0 <= local < world:

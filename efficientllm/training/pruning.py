@@ -120,9 +120,10 @@ class PruningPass:
         if self.hessians is not None:
             self.hessians.close_window()
             reduce_hessians_over_dp(self.hessians)
-            compensation = {"hessians": self.hessians.hessians, "damping": t.config.prune.damping}
+            compensation = {_consumer_key(name): h for name, h in self.hessians.hessians.items()}
         old_model, old_optimizer = t.model, t.optimizer
-        new_chunks = prune_model([m.module for m in old_model], plan, arch, t.options, compensation)
+        new_chunks = prune_model([m.module for m in old_model], plan, arch, t.options, compensation,
+                                 damping=t.config.prune.damping)
         t.install_model(plan.apply(arch), new_chunks)
         slice_optimizer_state(old_optimizer, old_model, t.optimizer, t.model, plan, arch)
         self.saliency.reindex(plan, arch, t.model)
@@ -169,6 +170,14 @@ class PruningPass:
         return {"events": len(self.plans), "source_params": self.source.num_parameters(),
                 "target_params": self.schedule.target_params,
                 "start_step": self.schedule.start_step, "end_step": self.schedule.end_step}
+
+
+def _consumer_key(name: str) -> tuple[int | None, str]:
+    """HessianCollector's `layers.{l}.{consumer}` / `output_layer` → surgery's (layer, consumer)."""
+    if name == "output_layer":
+        return (None, "output_layer")
+    _, layer, consumer = name.split(".")
+    return (int(layer), consumer)
 
 
 def _mean_removed_saliency(scores: dict, plan: Plan) -> dict[str, float]:

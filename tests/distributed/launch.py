@@ -82,9 +82,10 @@ def wait_ranks(procs: list[subprocess.Popen], log_dir: Path, timeout: float) -> 
                 break
             time.sleep(0.2)
     finally:
+        # Kill every rank's whole process group, also after a clean exit: a rank may leave
+        # children behind (megatron's checkpoint writer starts a multiprocessing Manager).
         for p in procs:
-            if p.poll() is None:
-                _kill_group(p)
+            _kill_group(p)
     return [
         RankResult(rank, p.returncode, (log_dir / f"rank{rank}.log").read_text())
         for rank, p in enumerate(procs)

@@ -109,3 +109,29 @@ def test_checkpoint_saved_at_tp2pp2_loads_at_tp1pp1_and_tp1pp2_with_the_same_log
         loaded = torch.load(out / "logits.pt")
         torch.testing.assert_close(loaded["logits"], saved["logits"], rtol=1e-5, atol=1e-5)
         assert loaded["eval_loss"] == pytest.approx(saved["eval_loss"], rel=1e-5)
+
+
+def test_resume_across_pruning_events_is_bit_identical(tiny_config, tmp_path):
+    # Events at steps 3, 5, 7, 9. The first interruption (step 4) falls between events while the
+    # Hessian window is open; the second (step 5) right after an event.
+    config = tiny_config(
+        training={"train_iters": 10},
+        prune={"enabled": True, "target_ratio": 0.6, "start_step": 3, "end_step": 9, "interval": 2,
+               "min_hidden": 16},
+    )
+    base = train(1, config, tmp_path / "base", f"checkpoint.save={tmp_path / 'ckpt_base'}")
+    save_dir = tmp_path / "ckpt"
+    common = (f"checkpoint.save={save_dir}", f"checkpoint.load={save_dir}")
+    run_worker(1, "train", config, tmp_path / "first", *common, "training.exit_interval=4", expect=EXIT_RESUMABLE)
+    run_worker(1, "train", config, tmp_path / "second", *common, "training.exit_interval=5", expect=EXIT_RESUMABLE)
+    assert checkpoint.read_tracker(save_dir) == 5
+    from efficientllm.architecture import Architecture
+
+    from tests.distributed.conftest import TINY_MODEL
+
+    source = Architecture.uniform(vocab_size=512, **TINY_MODEL)
+    pruned = Architecture.from_dict(checkpoint.read_meta(checkpoint.iteration_dir(save_dir, 5))["architecture"])
+    assert pruned.num_parameters() < source.num_parameters(), "the checkpoint holds the pruned model"
+    resumed = train(1, config, tmp_path / "resumed", *common)
+    assert resumed[0]["start_iteration"] == 5
+    assert_same_final_state(base, resumed)

@@ -126,6 +126,7 @@ def main() -> None:
             "digests": parameter_digests(trainer),
             "optimizer": optimizer_digest(trainer),
             "exit_code": trainer.exit_code,
+            "architecture": trainer.arch.to_dict(),
         }
         Path(out_dir, f"rank{trainer.launch.rank}.json").write_text(json.dumps(record))
     finally:

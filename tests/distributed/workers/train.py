@@ -46,6 +46,8 @@ def main() -> None:
             "dp_rank": parallel_state.get_data_parallel_rank(),
             "digests": digests,
             "num_parameters": trainer.arch.num_parameters(),
+            "architecture": trainer.arch.to_dict(),
+            "plans": trainer.pruning.plans if trainer.pruning is not None else [],
         }
         Path(out_dir, f"rank{trainer.launch.rank}.json").write_text(json.dumps(record))
     finally:
