@@ -52,7 +52,7 @@ def test_global_batch_not_divisible_by_micro_batch_times_dp():
 
 def test_layers_not_divisible_by_pipeline_stages():
     with pytest.raises(ConfigError, match="num_layers 4 is not divisible by pipeline stages 3"):
-        load_config(None, ["parallel.pipeline_model_parallel_size=3"])
+        load_config(None, ["model.num_layers=4", "parallel.pipeline_model_parallel_size=3"])
 
 
 def test_widths_not_divisible_by_tp_name_the_layer_and_valid_sizes():
@@ -97,3 +97,18 @@ def test_cli_prints_one_line_and_exits_2_on_bad_config():
     assert result.returncode == 2
     lines = [l for l in result.stderr.splitlines() if l.startswith("efficientllm: error:")]
     assert lines == ["efficientllm: error: unknown config key 'model.hiden_size'; did you mean 'hidden_size'?"]
+
+
+def test_prune_end_step_beyond_training_is_refused():
+    with pytest.raises(ConfigError, match=r"end_step 500 must satisfy .* training.train_iters \(200\)"):
+        load_config(None, ["prune.end_step=500", "training.train_iters=200"])
+
+
+def test_prune_align_incompatible_with_tp_is_refused():
+    with pytest.raises(ConfigError, match="prune.align 6 is incompatible with tensor_model_parallel_size 4"):
+        load_config(None, ["prune.align=6", "parallel.tensor_model_parallel_size=4"])
+
+
+def test_prune_needs_exactly_one_target():
+    with pytest.raises(ConfigError, match="exactly one of prune.target_params and prune.target_ratio"):
+        load_config(None, ["prune.target_params=1000"])

@@ -35,9 +35,8 @@ class MetricsLogger:
         self._jsonl.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
         self._jsonl.flush()
         if self._writer is not None:
-            for name, value in values.items():
-                if isinstance(value, (int, float)):
-                    self._writer.add_scalar(f"{kind}/{name}", value, step)
+            for name, value in _scalars(values):
+                self._writer.add_scalar(f"{kind}/{name}", value, step)
         if self._bar is not None and kind == "train":
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(loss=f"{values.get('loss', float('nan')):.3f}")
@@ -60,6 +59,17 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
         self._jsonl.close()
+
+
+def _scalars(values: dict[str, Any]) -> list[tuple[str, float]]:
+    """Numbers, and numbers one level down (`ratio/head`), for TensorBoard."""
+    out = []
+    for name, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append((name, value))
+        elif isinstance(value, dict):
+            out.extend((f"{name}/{k}", v) for k, v in value.items() if isinstance(v, (int, float)))
+    return out
 
 
 def _fmt(name: str, value: Any) -> str:
