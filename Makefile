@@ -1,4 +1,5 @@
-# `make run`: install what is missing into .venv, then the default pruning-aware job on the CPU.
+# `make run`: install what is missing into .venv, then the default pruning-aware job on the CPU
+# (one process, one thread per core; nproc itself honours OMP_NUM_THREADS, hence env -u).
 # `make test`: install, then the test suite.
 PYTHON ?= python3.11
 VENV := .venv
@@ -19,7 +20,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 run: install
-	OMP_NUM_THREADS=$$(nproc) $(VENV)/bin/efficientllm train
+	OMP_NUM_THREADS=$$(env -u OMP_NUM_THREADS nproc) $(VENV)/bin/efficientllm train
 
 test: install
 	$(PY) -m pytest -q tests

@@ -62,7 +62,8 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback that is free right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -89,7 +90,7 @@ def read_launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
         source = "slurm"
     else:
         # One process, no launcher: any free local port (two such runs may share a machine).
-        rank, world, local, addr, port, source = 0, 1, 0, "127.0.0.1", _free_port(), "single"
+        rank, world, local, addr, port, source = 0, 1, 0, "127.0.0.1", free_port(), "single"
     if world < 1 or not 0 <= rank < world:
         raise LaunchError(f"rank {rank} is not in [0, world size {world}) ({source} environment)")
     if not 0 <= local < world:

@@ -16,7 +16,7 @@ warnings.filterwarnings("ignore", module="megatron")
 def single_rank():
     """torch.distributed + megatron parallel_state at TP=PP=DP=1 in this process."""
     from efficientllm import distributed
-    from tests.distributed.launch import free_port
+    from efficientllm.distributed import free_port
 
     launch = distributed.LaunchEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
     distributed.initialize(launch, 1, 1, None, seed=1234)

@@ -112,3 +112,8 @@ def test_prune_align_incompatible_with_tp_is_refused():
 def test_prune_needs_exactly_one_target():
     with pytest.raises(ConfigError, match="exactly one of prune.target_params and prune.target_ratio"):
         load_config(None, ["prune.target_params=1000"])
+
+
+def test_pruning_with_the_distributed_optimizer_is_refused_up_front():
+    with pytest.raises(ConfigError, match="does not support parallel.use_distributed_optimizer"):
+        load_config(None, ["parallel.use_distributed_optimizer=true"])

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from efficientllm.distributed import free_port
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 DAEMONS = {"munged": "munge", "slurmctld": "slurmctld", "slurmd": "slurmd"}
 CLIENTS = ["sbatch", "squeue", "scontrol", "scancel", "sinfo", "srun"]
@@ -61,12 +63,6 @@ def find_or_install() -> dict[str, str]:
             f"install the Debian packages {' '.join(PACKAGES)}"
         )
     return {n: _which(n) for n in names}  # type: ignore[misc]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -131,8 +127,8 @@ class LocalSlurm:
                 [
                     "ClusterName=efficientllm-test",
                     f"SlurmctldHost={self.host}(127.0.0.1)",
-                    f"SlurmctldPort={_free_port()}",
-                    f"SlurmdPort={_free_port()}",
+                    f"SlurmctldPort={free_port()}",
+                    f"SlurmdPort={free_port()}",
                     "SlurmUser=root",
                     "SlurmdUser=root",
                     "AuthType=auth/munge",
