@@ -344,11 +344,6 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _require(0 <= t.lr_warmup_iters < t.train_iters,
              f"training.lr_warmup_iters must be in [0, train_iters={t.train_iters}), got {t.lr_warmup_iters}")
     _validate_prune(config.prune, t, tp)
-    _require(
-        not (config.prune.enabled and p.use_distributed_optimizer),
-        "prune.enabled does not support parallel.use_distributed_optimizer yet (optimizer "
-        "surgery slices the plain optimizer's Adam moments); set use_distributed_optimizer: false",
-    )
     if world_size is not None:
         _require(
             world_size % (tp * pp) == 0,

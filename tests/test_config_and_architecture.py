@@ -114,6 +114,8 @@ def test_prune_needs_exactly_one_target():
         load_config(None, ["prune.target_params=1000"])
 
 
-def test_pruning_with_the_distributed_optimizer_is_refused_up_front():
-    with pytest.raises(ConfigError, match="does not support parallel.use_distributed_optimizer"):
-        load_config(None, ["parallel.use_distributed_optimizer=true"])
+def test_pruning_with_the_distributed_optimizer_is_accepted():
+    """Optimizer surgery and saliency handle megatron's DistributedOptimizer (see
+    tests/distributed/test_pruning_distributed_optimizer.py)."""
+    config = load_config(None, ["parallel.use_distributed_optimizer=true"])
+    assert config.prune.enabled and config.parallel.use_distributed_optimizer

@@ -19,7 +19,14 @@ Layer score: EMA of the mean over tokens of 1 − cos(x_in, x_out) of each block
 Minitron), from forward hooks during training forwards only.
 
 Call `update()` once per step, after the schedule ran (gradients reduced over DP) and before
-`optimizer.step()`. Nothing here uses a collective; `sync.py` reduces at decision time.
+`optimizer.step()`. With the plain optimizer nothing here uses a collective; `sync.py` reduces
+at decision time. Under megatron's distributed optimizer with DP > 1 the gradients were
+reduce-scattered: each rank's `main_grad` holds the DP-averaged gradient only in the shard of
+each grad-buffer bucket it owns (the rest is its own un-reduced gradient, which the optimizer
+never reads). `update()` then first completes them in place: the non-owned shards are zeroed and
+the buckets all-reduced over the DP group (disjoint shards: exact), so every DP rank scores the
+same averaged gradient as under the plain optimizer and `sync.py` is unchanged. This costs one
+extra gradient-sized all-reduce per step while saliency is accumulated.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 
@@ -75,20 +83,33 @@ class SaliencyAccumulator:
         self._reset_stats()
 
     # ----- setup -------------------------------------------------------------------------
-    @staticmethod
-    def _check_gradients_are_complete(model) -> None:
+    def _check_gradients_are_complete(self, model) -> None:
+        """Note whether `main_grad` is only reduce-scattered (distributed optimizer, DP > 1)."""
         chunks = model if isinstance(model, (list, tuple)) else [model]
         ddp = getattr(chunks[0], "ddp_config", None)
-        if (
+        self._complete_grads = bool(
             ddp is not None
             and ddp.use_distributed_optimizer
             and parallel_state.get_data_parallel_world_size() > 1
-        ):
-            raise ValueError(
-                "saliency: with parallel.use_distributed_optimizer and data-parallel size > 1, "
-                "main_grad holds the DP-reduced gradient only on this rank's optimizer shard; "
-                "saliency accumulators need the plain optimizer there"
-            )
+        )
+
+    def _gather_reduce_scattered_grads(self) -> None:
+        """Make every rank's grad buffers hold the full DP-averaged gradient (see the module
+        docstring): zero the shards other ranks own, then all-reduce each bucket over DP."""
+        from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+
+        chunks = self.model if isinstance(self.model, (list, tuple)) else [self.model]
+        for chunk in chunks:
+            for buffer in list(chunk.buffers) + list(getattr(chunk, "expert_parallel_buffers", [])):
+                group = buffer.data_parallel_group
+                size, rank = dist.get_world_size(group), dist.get_rank(group)
+                if size == 1:
+                    continue
+                for bucket in buffer.buckets:
+                    for r, shard in enumerate(shard_buffer(bucket.grad_data, size)):
+                        if r != rank:
+                            shard.zero_()
+                    dist.all_reduce(bucket.grad_data, group=group)
 
     def _bind(self, model, arch: Architecture) -> None:
         self.model = model
@@ -150,6 +171,8 @@ class SaliencyAccumulator:
     def update(self) -> None:
         """Fold this step's gradients into the EMAs (after the DP reduction, before the
         optimizer step)."""
+        if self._complete_grads:
+            self._gather_reduce_scattered_grads()
         want_hidden = "hidden" in self.kinds
         want_heads, want_ffn = "head" in self.kinds, "ffn" in self.kinds
         hidden_f = self._zeros(self.arch.hidden_size) if want_hidden else None

@@ -14,7 +14,12 @@ Removed whole layers (`plan.layers`) are supported when this rank holds the whol
 (PP = 1, no virtual stages); moving layers between pipeline stages is not done here.
 
 Optimizer surgery (`slice_optimizer_state`) slices Adam moments (and fp32 main params under
-mixed precision) with exactly the same indices, so training continues without a reset.
+mixed precision) with exactly the same indices, so training continues without a reset. Under
+megatron's DistributedOptimizer every rank owns only a contiguous range of each flattened
+parameter's state: the full state of every old parameter is assembled over the data-parallel
+group (one all-reduce of zero-filled full-size tensors per parameter; the owned ranges are
+disjoint, so the sums are exact), sliced, and each rank keeps the range of the new parameter it
+owns in the new optimizer. That path is the only one with collectives (over DP only).
 Gradients are not carried over: an event happens between steps, when they are zeroed anyway.
 """
 
@@ -298,8 +303,8 @@ def _main_params(optimizer) -> dict[int, tuple[Any, torch.Tensor]]:
         name = type(leaf).__name__
         if "Distributed" in name:
             raise NotImplementedError(
-                f"optimizer surgery for megatron's {name} (sharded flat buffers) is not "
-                "implemented; use the plain optimizer (parallel.use_distributed_optimizer=false)"
+                f"megatron's {name} keeps sharded flat state that has no per-parameter main "
+                "param here; slice_optimizer_state handles it with _slice_distributed_state"
             )
         inner = leaf.optimizer
         if hasattr(leaf, "float16_groups"):
@@ -330,7 +335,10 @@ def slice_optimizer_state(
 
     A main param is sliced from the old one unless the new model weight differs from it (a
     compensated consumer): then it starts from the new weight. Returns how many parameters got
-    state. Megatron's DistributedOptimizer raises NotImplementedError."""
+    state on this rank. Megatron's DistributedOptimizer is handled by `_slice_distributed_state`
+    (collectives over the data-parallel group: call it on every rank)."""
+    if _is_distributed(old_optimizer) or _is_distributed(new_optimizer):
+        return _slice_distributed_state(old_optimizer, old_model, new_optimizer, new_model, plan, old_arch)
     old_main = _main_params(old_optimizer)
     new_main = _main_params(new_optimizer)
     moved = 0
@@ -359,5 +367,122 @@ def slice_optimizer_state(
             else:
                 new_state[key] = value
         new_inner.state[new_p] = new_state
+        moved += 1
+    return moved
+
+
+# ---- megatron's DistributedOptimizer ----------------------------------------------------------
+
+_ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _active_leaves(optimizer) -> list:
+    return [leaf for leaf in _leaf_optimizers(optimizer) if not getattr(leaf, "is_stub_optimizer", False)]
+
+
+def _is_distributed(optimizer) -> bool:
+    return any("Distributed" in type(leaf).__name__ for leaf in _active_leaves(optimizer))
+
+
+def _owned_shards(optimizer) -> tuple[dict[int, tuple[Any, Any, torch.Tensor]], Any]:
+    """id(model param) -> (torch optimizer, Range within the flattened param, its main-param
+    shard) for the parameters of which this rank owns a range; and the data-parallel group."""
+    out: dict[int, tuple[Any, Any, torch.Tensor]] = {}
+    group = None
+    for leaf in _active_leaves(optimizer):
+        name = type(leaf).__name__
+        if "Distributed" not in name:
+            raise NotImplementedError(
+                f"optimizer surgery cannot mix megatron's DistributedOptimizer with {name}"
+            )
+        if getattr(leaf.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
+            raise NotImplementedError(
+                "optimizer surgery does not support megatron's precision-aware optimizer"
+            )
+        if group is None:
+            group = leaf.data_parallel_group
+        elif _group_ranks(group) != _group_ranks(leaf.data_parallel_group):
+            raise NotImplementedError("distributed optimizers over different data-parallel groups")
+        for model_param, (group_index, group_order) in leaf.model_param_group_index_map.items():
+            param_range = leaf._get_model_param_range_map(model_param)["param"]
+            main = leaf.optimizer.param_groups[group_index]["params"][group_order]
+            out[id(model_param)] = (leaf.optimizer, param_range, main)
+    if group is None:
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return out, group
+
+
+def _group_ranks(group) -> list[int]:
+    import torch.distributed as dist
+
+    return dist.get_process_group_ranks(group)
+
+
+def _scalar_dtype() -> torch.dtype:
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+@torch.no_grad()
+def _slice_distributed_state(
+    old_optimizer, old_model, new_optimizer, new_model, plan: Plan, old_arch: Architecture
+) -> int:
+    """`slice_optimizer_state` for megatron's DistributedOptimizer (see the module docstring).
+    Every parameter is visited in the same order on every DP rank."""
+    import torch.distributed as dist
+
+    old_owned, group = _owned_shards(old_optimizer)
+    new_owned, new_group = _owned_shards(new_optimizer)
+    if _group_ranks(group) != _group_ranks(new_group):
+        raise SurgeryError("the old and new optimizers shard over different data-parallel groups")
+    slices = param_slices(old_model, new_model, plan, old_arch)
+
+    # The Adam step of every old parameter (-1: no rank holds state for it yet).
+    steps = torch.full((len(slices),), -1.0, dtype=torch.float64)
+    for i, s in enumerate(slices):
+        if id(s.old) in old_owned:
+            inner, _, main = old_owned[id(s.old)]
+            state = inner.state.get(main) or {}
+            extra = set(state) - {"step", *_ADAM_MOMENTS}
+            if extra:
+                raise SurgeryError(f"{s.name}: optimizer state keys {sorted(extra)} are not sliced")
+            if "step" in state:
+                steps[i] = float(state["step"])
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=group)
+
+    moved = 0
+    for i, s in enumerate(slices):
+        n = s.old.numel()
+        full = torch.zeros(3 * n, dtype=torch.float32)
+        if id(s.old) in old_owned:
+            inner, r, main = old_owned[id(s.old)]
+            if main.dtype != torch.float32:
+                raise SurgeryError(f"{s.name}: main param dtype {main.dtype} is not fp32")
+            full[r.start: r.end] = main.detach().view(-1)
+            state = inner.state.get(main) or {}
+            for k, key in enumerate(_ADAM_MOMENTS, start=1):
+                if key in state:
+                    full[k * n + r.start: k * n + r.end] = state[key].view(-1)
+        dist.all_reduce(full, group=group)  # disjoint owned ranges: exact
+        if id(s.new) not in new_owned:
+            continue  # this rank owns no range of the new parameter
+        shape = s.old.shape
+        main_full = s.take(full[:n].view(shape))
+        new_weight = s.new.detach()
+        if not torch.equal(main_full.to(new_weight.dtype), new_weight):  # compensated consumer
+            main_full = new_weight.float()
+        new_inner, r, new_main = new_owned[id(s.new)]
+        new_main.data.copy_(main_full.reshape(-1)[r.start: r.end])
+        if steps[i] < 0:
+            continue
+        new_state = new_inner.state[new_main]
+        for k, key in enumerate(_ADAM_MOMENTS, start=1):
+            value = s.take(full[k * n: (k + 1) * n].view(shape)).reshape(-1)[r.start: r.end]
+            if key in new_state:
+                new_state[key].copy_(value)
+            else:
+                new_state[key] = value.clone().to(new_main.dtype)
+        new_state["step"] = torch.tensor(steps[i].item(), dtype=_scalar_dtype())  # one per param
+        # torch Adam expects "step" first (it creates the state in that order)
+        new_inner.state[new_main] = {"step": new_state.pop("step"), **new_state}
         moved += 1
     return moved
