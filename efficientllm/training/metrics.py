@@ -21,7 +21,8 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (run_dir / "metrics.jsonl").open("a")
+        # A resumed run appends; a fresh one in a reused run directory starts the file anew.
+        self._jsonl = (run_dir / "metrics.jsonl").open("a" if start_step > 0 else "w")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
