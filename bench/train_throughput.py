@@ -49,7 +49,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    config = load_config(None, ["run_dir=runs/bench", "training.tensorboard=false", "training.train_iters=1000"])
+    config = load_config(None, ["run_dir=runs/bench", "training.tensorboard=false", "training.train_iters=1000",
+                                 "prune.enabled=false"])
     trainer = Trainer(config)
     trainer.setup()
     try:
