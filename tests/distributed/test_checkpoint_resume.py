@@ -15,12 +15,6 @@ from efficientllm.training.signals import EXIT_RESUMABLE
 from tests.distributed.launch import REPO, run_ranks, start_ranks, wait_ranks
 
 WORKER = str(REPO / "tests/distributed/workers/checkpoint.py")
-HETEROGENEOUS = [  # the shape of a pruned model: every layer its own widths
-    {"num_attention_heads": 4, "num_query_groups": 2, "ffn_hidden_size": 128},
-    {"num_attention_heads": 2, "num_query_groups": 2, "ffn_hidden_size": 64},
-    {"num_attention_heads": 6, "num_query_groups": 2, "ffn_hidden_size": 96},
-    {"num_attention_heads": 2, "num_query_groups": 2, "ffn_hidden_size": 32},
-]
 
 
 def _records(world_size: int, out: Path) -> list[dict]:
@@ -98,10 +92,19 @@ def test_sigterm_to_one_rank_checkpoints_exits_75_and_the_distributed_optimizer_
     assert_same_final_state(base, resumed)
 
 
-def test_checkpoint_saved_at_tp2pp2_loads_at_tp1pp1_and_tp1pp2_with_the_same_logits(tiny_config, tmp_path):
-    config = tiny_config(model={"layers": HETEROGENEOUS, "head_dim": 16}, training={"train_iters": 2, "eval_interval": 2, "eval_iters": 1})
+def test_checkpoint_saved_at_tp2pp2_after_pruning_loads_at_tp1pp1_and_tp1pp2_with_the_same_logits(
+    tiny_config, tmp_path
+):
+    config = tiny_config(
+        training={"train_iters": 4, "eval_interval": 4, "eval_iters": 1},
+        prune={"enabled": True, "target_ratio": 0.6, "start_step": 2, "end_step": 3, "min_hidden": 16, "align": 2},
+    )
     save_dir = tmp_path / "ckpt"
     train(4, config, tmp_path / "tp2pp2", *layout(2, 2), f"checkpoint.save={save_dir}", timeout=180)
+    from efficientllm.architecture import Architecture
+
+    pruned = Architecture.from_dict(checkpoint.read_meta(checkpoint.iteration_dir(save_dir, 4))["architecture"])
+    assert not pruned.is_uniform, "the saved model has per-layer widths found by pruning"
     saved = torch.load(tmp_path / "tp2pp2/logits.pt")
     for tp, pp in ((1, 1), (1, 2)):
         out = tmp_path / f"tp{tp}pp{pp}"
