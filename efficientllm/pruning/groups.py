@@ -73,7 +73,7 @@ class LocalLayer:
     ffn_fc2_cols: torch.Tensor = field(init=False)  # [ffn_local]
 
     def __post_init__(self) -> None:
-        lay, r = self.layout, self.tp_rank
+        lay = self.layout
         heads, groups, ffn = self.global_heads, self.global_kv_groups, self.global_ffn
         self.head_qkv_rows = torch.stack([lay.qkv_query_rows(k) for k in heads])
         self.head_proj_cols = torch.stack([lay.proj_columns(k) for k in heads])

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from efficientllm.architecture import Architecture, ArchitectureError
+from efficientllm.architecture import Architecture
 
 if TYPE_CHECKING:
     from efficientllm.config import Config

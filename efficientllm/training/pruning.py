@@ -93,8 +93,11 @@ class PruningPass:
         if upcoming is not None and not self.hessians.is_open:
             self.hessians.open_window()
 
-    def after_backward(self) -> None:
-        self.saliency.update()
+    def after_backward(self, step: int) -> None:
+        """Accumulate saliency from step `step`'s gradients; after the last event nothing reads
+        the statistics, so the continued pretraining pays nothing for them."""
+        if step <= self.schedule.end_step:
+            self.saliency.update()
 
     def after_step(self, step: int) -> dict[str, Any] | None:
         """Run the event scheduled at this step, if any; returns its log record."""

@@ -222,7 +222,7 @@ class Trainer:
         self.optimizer.zero_grad()
         loss = self._run_schedule(data_iterator, self.num_microbatches, forward_only=False)
         if self.pruning is not None:
-            self.pruning.after_backward()
+            self.pruning.after_backward(self.state.iteration + 1)
         update_successful, grad_norm, _ = self.optimizer.step()
         if update_successful:
             self.scheduler.step(increment=self.config.training.global_batch_size)

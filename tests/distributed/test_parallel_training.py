@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from tests.distributed.conftest import train_on_ranks
 
 # fp32 on CPU: TP/PP only change where sums happen; DP changes the reduction order of grads.
