@@ -6,7 +6,7 @@ setup(
     description="Pruning-aware pretraining on megatron-core: a large dense LLM to a compact edge LLM",
     python_requires=">=3.11",
     packages=find_packages(include=["efficientllm*", "megatron_patches*"]),
-    package_data={"efficientllm": ["configs/*.yaml"]},
+    package_data={"efficientllm": ["configs/*.yaml", "configs/examples/*.yaml"]},
     install_requires=[
         # Pinned: torch's CPU wheel is what CI has on disk (a looser pin pulls a CUDA build);
         # megatron-core 0.16.1 is the newest for Python 3.11 and what megatron_patches targets.
@@ -20,7 +20,15 @@ setup(
         "tqdm>=4.66",
         "tensorboard>=2.16",
         "matplotlib>=3.8",
+        # The two ends: Hugging Face checkpoints and tokenizers in and out, GGUF for llama.cpp.
+        "transformers==5.24.0",
+        "tokenizers>=0.22",
+        "safetensors>=0.4",
+        "gguf>=0.17",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.3"]},
+    extras_require={
+        # lm-eval checks our evaluation numbers; without the [hf] extra it fails on accelerate.
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "lm_eval[hf]==0.4.13"],
+    },
     entry_points={"console_scripts": ["efficientllm=efficientllm.cli:main"]},
 )

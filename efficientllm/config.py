@@ -236,6 +236,13 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A Config from its `to_dict()` form (e.g. the copy a checkpoint stores), validated."""
+    config = _build(Config, data, "")
+    validate(config)
+    return config
+
+
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value")

@@ -190,3 +190,21 @@ def test_megatron_still_shares_one_step_tensor_in_the_distributed_optimizer_load
     distrib_optimizer._clone_shared_steps(Inner)
     a, b = Inner.state[0]["step"], Inner.state[1]["step"]
     assert a is not b and float(a) == float(b) == 3.0
+
+
+def test_model_weights_alone_load_into_a_fresh_model_built_from_the_stored_architecture(trainer):
+    from efficientllm.model import build_model_chunks
+
+    _step(trainer, 0)
+    _step(trainer, 1)  # the first step runs at warmup LR 0
+    path = checkpoint.save(trainer, trainer.save_dir)
+    arch = Architecture.from_dict(checkpoint.read_meta(path)["architecture"])
+    fresh = build_model_chunks(arch, trainer.options)
+    before = {n: p.detach().clone() for n, p in fresh[0].named_parameters()}
+    meta = checkpoint.load_model_weights(fresh, path)
+    assert meta["iteration"] == 2
+    saved = {n: p.detach() for n, p in trainer.model[0].module.named_parameters()}
+    loaded = {n: p.detach() for n, p in fresh[0].named_parameters()}
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[n], saved[n].to(loaded[n].dtype)) for n in saved)
+    assert any(not torch.equal(before[n], loaded[n]) for n in before)

@@ -411,6 +411,24 @@ def remove_old(save_dir: Path, keep_last: int) -> None:
 
 
 # ----- load ------------------------------------------------------------------------------------
+def load_model_weights(chunks: list[Any], ckpt_dir: str | Path) -> dict[str, Any]:
+    """Load only the model shards of a checkpoint into this rank's (unwrapped) GPTModel chunks,
+    built from the checkpoint's Architecture at any TP/PP that divides it; returns its metadata.
+    For inference and export: no optimizer, RNG or trainer state is read."""
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    meta = verify(ckpt_dir)
+    template = {_model_key(i, len(chunks)): chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    try:
+        loaded = dist_checkpointing.load(template, str(ckpt_dir))
+    except Exception as err:
+        raise CheckpointError(f"cannot read the model shards of checkpoint {ckpt_dir}: {type(err).__name__}: {err}".splitlines()[0]) from err
+    for index, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[_model_key(index, len(chunks))])
+    return meta
+
+
 def load(trainer: "Trainer", ckpt_dir: str | Path) -> dict[str, Any]:
     """Load a verified checkpoint into a trainer whose model was built from its Architecture."""
     import torch
