@@ -60,7 +60,8 @@ class DataConfig:
     split: str = "98,2,0"
     tokenizer_model: str | None = None  # None: train one on the training text
     tokenizer_vocab_size: int = 4096
-    corpus_max_bytes: int = 4_000_000  # cap on the default corpus (stdlib sources)
+    corpus: str = "stdlib"  # built-in corpus without data_path: stdlib | english_docs (data/corpus.py)
+    corpus_max_bytes: int = 4_000_000  # cap on the built-in corpus
     corpus_heldout_fraction: float = 0.05
     seq_length: int = 256
 
@@ -342,6 +343,8 @@ def validate(config: Config, world_size: int | None = None) -> None:
         f"model.transformer_impl must be 'local' or 'transformer_engine', got '{m.transformer_impl}'",
     )
     _require(d.seq_length > 0, f"data.seq_length must be positive, got {d.seq_length}")
+    _require(d.corpus in ("stdlib", "english_docs"),
+             f"data.corpus must be stdlib or english_docs, got '{d.corpus}'")
     _require(t.micro_batch_size > 0, f"training.micro_batch_size must be positive, got {t.micro_batch_size}")
     _require(t.train_iters > 0, f"training.train_iters must be positive, got {t.train_iters}")
     _require(

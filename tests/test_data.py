@@ -294,3 +294,21 @@ def test_a_tokenizer_larger_than_the_model_vocab_is_rejected():
     check_vocab(1024, 1024)
     with pytest.raises(DataError, match=r"code\.model has 1024 tokens .* vocab_size is 512"):
         check_vocab(1024, 512, source="tokenizer code.model")
+
+
+def test_english_docs_corpus_is_prose_split_by_file_without_translations():
+    from efficientllm import assets
+    from efficientllm.data.corpus import english_docs_corpus
+
+    try:
+        split = english_docs_corpus(heldout_fraction=0.05, max_bytes=2_000_000)
+    except assets.AssetUnavailable as err:
+        pytest.skip(str(err))
+    assert split.source == "english-docs"
+    assert not set(split.train) & set(split.heldout)
+    files = split.train + split.heldout
+    assert all(f.name.endswith(".rst.txt") and "translations" not in f.parts for f in files)
+    assert {"python3.11-doc", "linux-doc-6.1"} <= {f.relative_to(split.root).parts[0] for f in files}
+    assert sum(f.stat().st_size for f in files) <= 2_000_000
+    text = "".join(f.read_text(encoding="utf-8") for f in split.heldout)
+    assert sum(c.isalpha() or c.isspace() for c in text) > 0.8 * len(text)  # prose, not code

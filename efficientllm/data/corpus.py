@@ -1,9 +1,12 @@
-"""The embedded default corpus: the running interpreter's own standard-library `.py` sources.
+"""The built-in corpora, split into train and held-out BY FILE (a held-out file is never seen in
+training, even in part) with a stable hash of the path relative to the corpus root, so the split
+is the same on every machine.
 
-Every machine that runs this project has it, so the default job needs no download. Files are
-split into train and held-out BY FILE (a held-out file is never seen in training, even in part)
-with a stable hash of the path relative to the stdlib root, so the split is the same on every
-machine with the same Python version.
+- `stdlib`: the running interpreter's own standard-library `.py` sources. Every machine that
+  runs this project has it, so the default job needs no download.
+- `english_docs`: English prose, offline: the reST sources of the Python 3.11 documentation and
+  of the Linux 6.1 kernel documentation (without its translations), from Debian's
+  `python3.11-doc` and `linux-doc-6.1` packages (fetched once into the asset cache, not installed).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 
 from efficientllm.data import DataError
 
+CORPORA = ("stdlib", "english_docs")
+
 # Tests and IDLE are skipped to keep the corpus to library code; `config-*` and
 # `_sysconfigdata*` are generated per build, so skipping them keeps the corpus machine-independent.
 _SKIP_DIRS = frozenset({"site-packages", "test", "tests", "idlelib", "__pycache__"})
@@ -27,6 +32,7 @@ _SKIP_DIRS = frozenset({"site-packages", "test", "tests", "idlelib", "__pycache_
 class CorpusSplit:
     """The files of each part, as absolute paths in sorted order."""
 
+    source: str
     root: Path
     train: tuple[Path, ...]
     heldout: tuple[Path, ...]
@@ -59,7 +65,44 @@ def _unit_hash(salt: str, relative: str) -> float:
 def stdlib_corpus(
     heldout_fraction: float = 0.05, max_bytes: int | None = None, root: Path | None = None
 ) -> CorpusSplit:
-    """Split the stdlib sources into train and held-out files.
+    """Split the stdlib sources into train and held-out files (see `split_by_file`)."""
+    root = stdlib_root() if root is None else Path(root)
+    return split_by_file("python-stdlib", root, _source_files(root), heldout_fraction, max_bytes)
+
+
+def _english_doc_files() -> tuple[Path, list[Path]]:
+    from efficientllm import assets
+
+    sources = [
+        assets.debian_package("python3.11-doc") / "usr/share/doc/python3.11/html/_sources",
+        assets.debian_package("linux-doc-6.1") / "usr/share/doc/linux-doc-6.1/html/_sources",
+    ]
+    files = [
+        f for root in sources for f in sorted(root.rglob("*.rst.txt"))
+        if "translations" not in f.relative_to(root).parts
+    ]
+    return assets.cache_dir() / "debian", files
+
+
+def english_docs_corpus(heldout_fraction: float = 0.05, max_bytes: int | None = None) -> CorpusSplit:
+    """Split the Python and Linux documentation sources into train and held-out files."""
+    root, files = _english_doc_files()
+    return split_by_file("english-docs", root, files, heldout_fraction, max_bytes)
+
+
+def builtin_corpus(name: str, heldout_fraction: float = 0.05, max_bytes: int | None = None) -> CorpusSplit:
+    """One of `CORPORA` by name."""
+    if name == "stdlib":
+        return stdlib_corpus(heldout_fraction, max_bytes)
+    if name == "english_docs":
+        return english_docs_corpus(heldout_fraction, max_bytes)
+    raise DataError(f"data.corpus must be one of {', '.join(CORPORA)}, got {name!r}")
+
+
+def split_by_file(
+    source: str, root: Path, files: list[Path], heldout_fraction: float = 0.05, max_bytes: int | None = None
+) -> CorpusSplit:
+    """Split `files` (under `root`) into train and held-out files.
 
     With `max_bytes`, files are taken in a fixed pseudo-random order (a second hash, so the cap
     samples the whole library rather than its alphabetical start) while they fit the budget of
@@ -70,10 +113,8 @@ def stdlib_corpus(
         raise DataError(f"corpus heldout_fraction must be in (0, 1), got {heldout_fraction}")
     if max_bytes is not None and max_bytes <= 0:
         raise DataError(f"corpus max_bytes must be positive or None, got {max_bytes}")
-    root = stdlib_root() if root is None else Path(root)
-    files = _source_files(root)
     if not files:
-        raise DataError(f"no .py files under the corpus root {root}")
+        raise DataError(f"no files of the {source} corpus under {root}")
 
     relative = {f: f.relative_to(root).as_posix() for f in files}
     is_heldout = {f: _unit_hash("split", relative[f]) < heldout_fraction for f in files}
@@ -88,6 +129,7 @@ def stdlib_corpus(
         files = sorted(taken)
 
     split = CorpusSplit(
+        source=source,
         root=root,
         train=tuple(f for f in files if not is_heldout[f]),
         heldout=tuple(f for f in files if is_heldout[f]),
@@ -106,7 +148,7 @@ def stdlib_corpus(
 def corpus_record(split: CorpusSplit) -> dict[str, Any]:
     """What the corpus is, for the run record; the caller adds token counts after tokenising."""
     return {
-        "source": "python-stdlib",
+        "source": split.source,
         "python": platform.python_version(),
         "root": str(split.root),
         "heldout_fraction": split.heldout_fraction,

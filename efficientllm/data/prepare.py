@@ -1,7 +1,7 @@
 """From the run config to train/valid datasets: corpus → tokenizer → .bin/.idx → GPT datasets.
 
-With no `data.data_path`, the embedded default corpus (the interpreter's stdlib sources) is
-tokenised into the run directory once, on rank 0, and reused while its recipe is unchanged.
+With no `data.data_path`, a built-in corpus (`data.corpus`: the interpreter's stdlib sources,
+or English documentation text) is tokenised into the run directory once, on rank 0, and reused while its recipe is unchanged.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from efficientllm.config import Config
 from efficientllm.data import DataError
-from efficientllm.data.corpus import corpus_record, stdlib_corpus
+from efficientllm.data.corpus import builtin_corpus, corpus_record
 from efficientllm.data.datasets import build_gpt_datasets, check_vocab
 from efficientllm.data.preprocess import preprocess_files
 from efficientllm.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
@@ -47,6 +47,7 @@ def _default_corpus(config: Config, data_dir: Path) -> dict[str, Any]:
     """Build (or reuse) the default corpus files; returns the record stored beside them."""
     d = config.data
     recipe = {
+        "corpus": d.corpus,
         "corpus_max_bytes": d.corpus_max_bytes,
         "corpus_heldout_fraction": d.corpus_heldout_fraction,
         "tokenizer_model": d.tokenizer_model,
@@ -59,7 +60,7 @@ def _default_corpus(config: Config, data_dir: Path) -> dict[str, Any]:
         if record.get("recipe") == recipe:
             return record
     data_dir.mkdir(parents=True, exist_ok=True)
-    split = stdlib_corpus(d.corpus_heldout_fraction, d.corpus_max_bytes)
+    split = builtin_corpus(d.corpus, d.corpus_heldout_fraction, d.corpus_max_bytes)
     if d.tokenizer_model:
         tokenizer = load_tokenizer(d.tokenizer_model)
         tokenizer_path = d.tokenizer_model
