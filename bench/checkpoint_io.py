@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from efficientllm import distributed
+from efficientllm.architecture import architecture_from_config
 from efficientllm.config import load_config
 from efficientllm.training import checkpoint
-from efficientllm.training.trainer import Trainer, architecture_from_config
+from efficientllm.training.trainer import Trainer
 
 
 def synthetic_batches(vocab: int, micro_batch: int, seq: int):

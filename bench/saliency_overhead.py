@@ -25,8 +25,8 @@ from efficientllm import distributed
 from efficientllm.architecture import Architecture
 from efficientllm.config import ParallelConfig, SaliencyConfig, TrainingConfig
 from efficientllm.model import ModelOptions, build_model_chunks
-from efficientllm.pruning.hessian import HessianCollector
-from efficientllm.pruning.saliency import SaliencyAccumulator
+from efficientllm.pruning.megatron.hessian import HessianCollector
+from efficientllm.pruning.megatron.saliency import SaliencyAccumulator
 from efficientllm.training.optimizer import build_optimizer, wrap_ddp
 from efficientllm.training.trainer import _forward_step
 

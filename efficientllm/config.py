@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,22 @@ class ModelConfig:
     untie_embeddings_and_output_weights: bool = True
     init_method_std: float = 0.02
     rotary_base: int = 10000
+    norm_epsilon: float = 1e-5
+    # Llama 3.x RoPE scaling, as megatron-core computes it (low/high frequency factors 1 and 4,
+    # original context 8192).
+    use_rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    max_position_embeddings: int | None = None  # recorded for export; None: data.seq_length
+    # Start from a Hugging Face model directory: its config fills every field above, its
+    # weights are the initial weights and its tokenizer is data.tokenizer_model's default.
+    from_hf: str | None = None
+    # With from_hf: add all-zero KV groups / FFN channels where a width does not divide the
+    # TP size (exact: the logits do not change; their saliency is zero).
+    from_hf_pad_to_tp: bool = False
     transformer_impl: str = "local"  # local | transformer_engine
+    # The spec for the continued pretraining after the last pruning event (None: unchanged).
+    # Pruning runs on the local spec; `transformer_engine` rebuilds the pruned model with TE.
+    transformer_impl_after_pruning: str | None = None
 
 
 @dataclass
@@ -85,6 +102,12 @@ class TrainingConfig:
     log_interval: int = 10
     eval_interval: int = 50
     eval_iters: int = 4
+    # Also every eval_interval steps (evaluation/in_training.py): zero-shot tasks (shipped names
+    # or .jsonl task files; the first eval_tasks_limit items of each, all when None) and text or
+    # .jsonl files whose bits per byte is logged.
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_tasks_limit: int | None = None
+    eval_text: list[str] = field(default_factory=list)
     tensorboard: bool = True
     # Stop early like Megatron-LM (checkpoint, then exit code 75, training/signals.py): at an
     # iteration divisible by exit_interval, or after exit_duration_in_mins of wall time; with
@@ -103,6 +126,9 @@ class CheckpointConfig:
     # A damaged newest checkpoint is an error; with this, the previous complete one is loaded
     # instead (and the fallback is logged).
     fallback_to_previous: bool = False
+    # Megatron-LM's --finetune: start from `load`'s model weights with a fresh optimizer, LR
+    # schedule and iteration 0; once this run has a checkpoint in `save`, that one is resumed.
+    finetune: bool = False
 
 
 @dataclass
@@ -113,6 +139,10 @@ class PruneConfig:
     enabled: bool = False
     target_params: int | None = None
     target_ratio: float | None = None  # fraction of the source size to keep, e.g. 0.4
+    # Or prune once (start_step == end_step) to these widths: hidden_size and the uniform
+    # num_attention_heads / num_query_groups / ffn_hidden_size, or `layers` (one such mapping per
+    # layer); a width left out keeps the source's (pruning/targets.py).
+    target_architecture: dict[str, Any] | None = None
     start_step: int = 0
     end_step: int = 0
     interval: int = 1
@@ -127,19 +157,23 @@ class PruneConfig:
     kind_weights: dict[str, float] = field(default_factory=dict)  # per-parameter weights per kind
     compensation: str = "obs"  # obs | none
     damping: float = 0.01
+    # After a hidden removal, rescale every RMSNorm weight to keep its expected output scale
+    # (pruning/norms.py); false only to measure what the correction is worth.
+    hidden_rms_correction: bool = True
 
 
-SALIENCY_CRITERIA = ("fisher", "taylor")
+SALIENCY_CRITERIA = ("fisher", "taylor", "activation")
 SALIENCY_KINDS = ("head", "ffn", "hidden", "layer")
 
 
 @dataclass
 class SaliencyConfig:
-    """Per-shard saliency accumulators and local Hessians (pruning/saliency.py, hessian.py).
+    """Per-shard saliency accumulators and local Hessians (pruning/megatron/saliency.py, hessian.py).
 
     `criterion`: fisher = EMA of ½Σ g²w² (optimal brain damage, empirical Fisher diagonal);
-    taylor = EMA of |Σ g w|. `hessian_window`: batches before a pruning event over which the
-    consumer matrices' H = Σ XᵀX is collected. `kinds`: which groups are scored ("head" also
+    taylor = |EMA of Σ g w| for every kind; activation = Minitron's activation magnitudes over the
+    window's batches (pruning/megatron/hessian.py). `hessian_window`: batches before a pruning
+    event over which the consumer matrices' H = Σ XᵀX (and activation magnitudes) are collected. `kinds`: which groups are scored ("head" also
     scores the KV groups' k/v rows)."""
 
     enabled: bool = False
@@ -237,6 +271,20 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+def check_output_dirs(config: Config) -> None:
+    """Every directory the run writes into (`run_dir`: data, metrics, TensorBoard, results;
+    `checkpoint.save`) exists or can be made, and takes a new file; else one ConfigError line,
+    before any work starts."""
+    save = config.checkpoint.save or str(Path(config.run_dir) / "checkpoints")
+    for name, path in (("run_dir", config.run_dir), ("checkpoint.save", save)):
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as err:
+            raise ConfigError(f"{name} '{path}' is not writable: {err.strerror or err}") from None
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     """A Config from its `to_dict()` form (e.g. the copy a checkpoint stores), validated."""
     config = _build(Config, data, "")
@@ -278,14 +326,96 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# The range of every number field: (lowest valid, whether the lowest itself is valid, highest
+# valid or None, whether that is valid). Optional fields are checked when they are set.
+_RANGES: dict[str, tuple[float, bool, float | None, bool]] = {
+    **{f"model.{f}": (1, True, None, False) for f in (
+        "hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+        "head_dim", "vocab_size", "make_vocab_size_divisible_by", "rotary_base", "max_position_embeddings")},
+    "model.init_method_std": (0, False, None, False),
+    "data.tokenizer_vocab_size": (1, True, None, False),
+    "data.corpus_max_bytes": (1, True, None, False),
+    "data.corpus_heldout_fraction": (0, False, 1, False),
+    "training.seed": (0, True, None, False),
+    **{f"training.{f}": (1, True, None, False) for f in (
+        "global_batch_size", "log_interval", "eval_iters", "eval_tasks_limit", "exit_interval")},
+    "training.eval_interval": (0, True, None, False),
+    "training.lr": (0, False, None, False),
+    "training.min_lr": (0, True, None, False),
+    "training.weight_decay": (0, True, None, False),
+    "training.adam_beta1": (0, True, 1, False),
+    "training.adam_beta2": (0, True, 1, False),
+    "training.adam_eps": (0, False, None, False),
+    "training.clip_grad": (0, True, None, False),
+    "training.exit_duration_in_mins": (0, False, None, False),
+    "checkpoint.save_interval": (1, True, None, False),
+    "checkpoint.keep_last": (0, True, None, False),
+    **{f"prune.{f}": (1, True, None, False) for f in (
+        "target_params", "min_heads_per_layer", "min_query_groups", "min_ffn_per_layer", "min_hidden")},
+    "prune.damping": (0, True, None, False),
+}
+_LAYER_FIELDS = ("num_attention_heads", "num_query_groups", "ffn_hidden_size")
+
+
+def _in_range(path: str, value: float, low: float, low_ok: bool, high: float | None, high_ok: bool) -> None:
+    ok = (value >= low if low_ok else value > low) and (high is None or (value <= high if high_ok else value < high))
+    ok = ok and math.isfinite(value)
+    if not ok:
+        lower = f"{'[' if low_ok else '('}{low}"
+        upper = f"{high}{']' if high_ok else ')'}" if high is not None else "inf)"
+        raise ConfigError(f"{path} must be in {lower}, {upper}, got {value}")
+
+
+def _validate_ranges(config: "Config") -> None:
+    """Every number within its range, and the fields with a shape (per-layer widths, split,
+    per-kind maps) well formed."""
+    for path, bounds in _RANGES.items():
+        section, name = path.split(".")
+        value = getattr(getattr(config, section), name)
+        if value is not None:
+            _in_range(path, value, *bounds)
+    t, pr = config.training, config.prune
+    _require(t.min_lr <= t.lr, f"training.min_lr {t.min_lr} must not exceed training.lr {t.lr}")
+    for i, layer in enumerate(config.model.layers or []):
+        missing = [f for f in _LAYER_FIELDS if f not in layer]
+        unknown = sorted(set(layer) - set(_LAYER_FIELDS))
+        _require(not missing and not unknown,
+                 f"model.layers[{i}] needs exactly {', '.join(_LAYER_FIELDS)}: "
+                 + (f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(unknown)}"))
+        for f in _LAYER_FIELDS:
+            _require(isinstance(layer[f], int) and not isinstance(layer[f], bool) and layer[f] >= 1,
+                     f"model.layers[{i}].{f} must be a positive integer, got {layer[f]!r}")
+    parts = config.data.split.replace("/", ",").split(",")
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        weights = []
+    _require(1 <= len(weights) <= 3 and all(math.isfinite(w) and w >= 0 for w in weights) and sum(weights) > 0,
+             f"data.split {config.data.split!r} is not valid; give up to 3 non-negative train,valid,test "
+             f"weights with a positive sum, e.g. '969,30,1'")
+    for kind, ratio in pr.max_ratio.items():
+        _in_range(f"prune.max_ratio.{kind}", ratio, 0, True, 1, True)
+    for kind, weight in pr.kind_weights.items():
+        _in_range(f"prune.kind_weights.{kind}", weight, 0, False, None, False)
+    _require(not (pr.enabled and pr.compensation == "obs" and config.saliency.hessian_window == 0),
+             "saliency.hessian_window 0 collects no Hessians, so prune.compensation=obs would compensate "
+             "nothing; set saliency.hessian_window >= 1 or prune.compensation=none")
+    _require(not (config.saliency.criterion == "activation" and config.saliency.hessian_window == 0),
+             "saliency.criterion=activation reads the activations of the saliency.hessian_window batches "
+             "before an event; set saliency.hessian_window >= 1")
+
+
 def _validate_prune(pr: PruneConfig, t: TrainingConfig, tp: int) -> None:
     """What can be checked without the model; targets against the model are checked in setup."""
     if not pr.enabled:
         return
+    targets = [pr.target_params, pr.target_ratio, pr.target_architecture]
     _require(
-        (pr.target_params is None) != (pr.target_ratio is None),
-        "prune: set exactly one of prune.target_params and prune.target_ratio",
+        sum(t is not None for t in targets) == 1,
+        "prune: set exactly one of prune.target_params, prune.target_ratio and prune.target_architecture",
     )
+    if pr.target_architecture is not None:
+        _validate_target_architecture(pr)
     _require(
         pr.target_ratio is None or 0.0 < pr.target_ratio < 1.0,
         f"prune.target_ratio must be in (0, 1) (the fraction kept), got {pr.target_ratio}",
@@ -315,6 +445,72 @@ def _validate_prune(pr: PruneConfig, t: TrainingConfig, tp: int) -> None:
     )
 
 
+def _validate_target_architecture(pr: PruneConfig) -> None:
+    """Its shape; whether the source can be pruned to it is checked against the model
+    when the trainer is made (`training.pruning.target_architecture`)."""
+    spec = pr.target_architecture
+    _require(pr.start_step == pr.end_step,
+             f"prune.target_architecture prunes once: set prune.start_step == prune.end_step "
+             f"(got {pr.start_step} and {pr.end_step})")
+    uniform = [f for f in _LAYER_FIELDS if f in spec]
+    unknown = sorted(set(spec) - {"hidden_size", "layers", *_LAYER_FIELDS})
+    _require(not unknown, f"prune.target_architecture: unknown field '{unknown[0] if unknown else ''}'; valid: "
+             f"hidden_size, {', '.join(_LAYER_FIELDS)}, layers")
+    _require(not (uniform and "layers" in spec),
+             f"prune.target_architecture: give either layers or the uniform {', '.join(uniform)}, not both")
+    widths = {f"prune.target_architecture.{f}": spec[f] for f in ("hidden_size", *uniform) if f in spec}
+    layers = spec.get("layers", [])
+    _require(isinstance(layers, list), f"prune.target_architecture.layers must be a list, got {layers!r}")
+    for i, layer in enumerate(layers):
+        _require(isinstance(layer, dict) and set(layer) == set(_LAYER_FIELDS),
+                 f"prune.target_architecture.layers[{i}] needs exactly {', '.join(_LAYER_FIELDS)}, got {layer!r}")
+        widths.update({f"prune.target_architecture.layers[{i}].{f}": layer[f] for f in _LAYER_FIELDS})
+    for where, value in widths.items():
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{where} must be a positive integer, got {value!r}")
+
+
+def _validate_training_eval(t: TrainingConfig) -> None:
+    from efficientllm.evaluation import EvaluationError
+    from efficientllm.evaluation.tasks import parse_task_list
+
+    if not (t.eval_tasks or t.eval_text):
+        return
+    _require(t.eval_interval > 0, "training.eval_tasks and training.eval_text need training.eval_interval > 0")
+    if t.eval_tasks:
+        try:
+            parse_task_list(",".join(t.eval_tasks))
+        except EvaluationError as err:
+            raise ConfigError(f"training.eval_tasks: {err}") from None
+
+
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+
+
+def _validate_transformer_impl(m: ModelConfig, pr: PruneConfig) -> None:
+    """Pruning edits the local spec's separate norms and linears; TE fuses each norm into the
+    linear after it, so TE is used only once the model stops changing shape."""
+    _require(
+        m.transformer_impl in TRANSFORMER_IMPLS,
+        f"model.transformer_impl must be 'local' or 'transformer_engine', got '{m.transformer_impl}'",
+    )
+    _require(
+        not (pr.enabled and m.transformer_impl == "transformer_engine"),
+        "model.transformer_impl=transformer_engine cannot be used with prune.enabled (pruning edits "
+        "the local spec); set model.transformer_impl=local and "
+        "model.transformer_impl_after_pruning=transformer_engine to train on with TE after the last event",
+    )
+    after = m.transformer_impl_after_pruning
+    _require(
+        after is None or after in TRANSFORMER_IMPLS,
+        f"model.transformer_impl_after_pruning must be unset, 'local' or 'transformer_engine', got '{after}'",
+    )
+    _require(
+        after is None or pr.enabled,
+        "model.transformer_impl_after_pruning needs prune.enabled; without pruning set model.transformer_impl",
+    )
+
+
 def validate(config: Config, world_size: int | None = None) -> None:
     """Everything that can be checked without data or process groups."""
     m, p, d, t = config.model, config.parallel, config.data, config.training
@@ -338,10 +534,12 @@ def validate(config: Config, world_size: int | None = None) -> None:
         not p.sequence_parallel or tp > 1,
         "parallel.sequence_parallel needs tensor_model_parallel_size > 1",
     )
-    _require(
-        m.transformer_impl in ("local", "transformer_engine"),
-        f"model.transformer_impl must be 'local' or 'transformer_engine', got '{m.transformer_impl}'",
-    )
+    _validate_transformer_impl(m, config.prune)
+    _require(m.norm_epsilon > 0, f"model.norm_epsilon must be positive, got {m.norm_epsilon}")
+    _require(m.rope_scaling_factor >= 1, f"model.rope_scaling_factor must be >= 1, got {m.rope_scaling_factor}")
+    _require(not m.from_hf_pad_to_tp or m.from_hf, "model.from_hf_pad_to_tp needs model.from_hf")
+    _require(not config.checkpoint.finetune or config.checkpoint.load,
+             "checkpoint.finetune needs checkpoint.load (the checkpoint whose weights the run starts from)")
     _require(d.seq_length > 0, f"data.seq_length must be positive, got {d.seq_length}")
     _require(d.corpus in ("stdlib", "english_docs"),
              f"data.corpus must be stdlib or english_docs, got '{d.corpus}'")
@@ -354,6 +552,8 @@ def validate(config: Config, world_size: int | None = None) -> None:
     _require(0 <= t.lr_warmup_iters < t.train_iters,
              f"training.lr_warmup_iters must be in [0, train_iters={t.train_iters}), got {t.lr_warmup_iters}")
     _validate_prune(config.prune, t, tp)
+    _validate_ranges(config)
+    _validate_training_eval(t)
     if world_size is not None:
         _require(
             world_size % (tp * pp) == 0,

@@ -22,6 +22,7 @@ MODULES_WITH_CUDA_LITERALS = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.grad_scaler",  # a loss scale: what lets the optimizer skip a step
     "megatron.core.transformer.utils",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.dist_checkpointing.exchange_utils",
@@ -139,6 +140,9 @@ def _patch_type_checks() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(
         optimizer.clip_grad_by_total_norm_fp32
     )
+    # bf16 params with fp32 main params: its constructor accepts only torch.cuda.* types.
+    fp16 = optimizer.Float16OptimizerWithFloat16Params
+    fp16.__init__ = _with_cuda_type_names(fp16.__init__)
     cls = distrib_optimizer.DistributedOptimizer
     cls._build_model_and_main_param_groups = classmethod(
         _with_cuda_type_names(cls._build_model_and_main_param_groups.__func__)

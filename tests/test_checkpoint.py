@@ -30,7 +30,8 @@ def _config(tmp_path) -> Config:
 
 @pytest.fixture
 def trainer(single_rank, tmp_path):
-    from efficientllm.training.trainer import Trainer, architecture_from_config
+    from efficientllm.architecture import architecture_from_config
+    from efficientllm.training.trainer import Trainer
 
     t = Trainer(_config(tmp_path), single_rank)
     t.dp_rank, t.dp_size = 0, 1
@@ -90,7 +91,7 @@ def test_a_crash_inside_a_save_leaves_the_previous_checkpoint_loadable(trainer, 
     _step(trainer, 0)
     checkpoint.save(trainer, trainer.save_dir)
     _step(trainer, 1)
-    monkeypatch.setattr(checkpoint, "write_manifest", lambda d: (_ for _ in ()).throw(RuntimeError("crash")))
+    monkeypatch.setattr(checkpoint, "write_manifest", lambda *_: (_ for _ in ()).throw(RuntimeError("crash")))
     with pytest.raises(RuntimeError, match="crash"):
         checkpoint.save(trainer, trainer.save_dir)
     assert checkpoint.find_checkpoint(trainer.save_dir).name == "iter_0000001"

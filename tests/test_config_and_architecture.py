@@ -110,7 +110,7 @@ def test_prune_align_incompatible_with_tp_is_refused():
 
 
 def test_prune_needs_exactly_one_target():
-    with pytest.raises(ConfigError, match="exactly one of prune.target_params and prune.target_ratio"):
+    with pytest.raises(ConfigError, match="exactly one of prune.target_params, prune.target_ratio and prune.target_architecture"):
         load_config(None, ["prune.target_params=1000"])
 
 

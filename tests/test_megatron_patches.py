@@ -4,8 +4,8 @@ under the patch (so a version bump is noticed, not silently mis-patched)."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import importlib
+import inspect
 import json
 
 import pytest
@@ -91,9 +91,7 @@ def _config(cls, **extra):
 
 
 def test_megatron_heterogeneous_config_still_ignores_per_layer_heads():
-    from megatron.core.transformer.heterogeneous.heterogeneous_config import (
-        HeterogeneousTransformerConfig,
-    )
+    from megatron.core.transformer.heterogeneous.heterogeneous_config import HeterogeneousTransformerConfig
 
     layer = _config(HeterogeneousTransformerConfig).get_config_for_layer(2)
     assert layer.num_query_groups == 1 and layer.num_attention_heads == 4
@@ -118,3 +116,11 @@ def test_megatron_torch_norm_still_refuses_sequence_parallel():
         WrappedTorchNorm(config, 8)
     norm = SequenceParallelTorchNorm(config, 8)
     assert all(getattr(p, "sequence_parallel", False) for p in norm.parameters())
+
+
+def test_megatron_fp16_optimizer_still_accepts_only_cuda_type_names():
+    # The CPU patch reports torch.cuda.* names inside its constructor so bf16 trains on the CPU.
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    source = inspect.getsource(Float16OptimizerWithFloat16Params.__init__.__wrapped__)
+    assert "torch.cuda.BFloat16Tensor" in source

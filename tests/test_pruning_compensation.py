@@ -7,6 +7,7 @@ from efficientllm.pruning.compensation import (
     damped_inverse,
     obs_remove_columns,
     obs_step,
+    obs_update,
     reconstruction_error,
     slice_hessian,
 )
@@ -120,3 +121,27 @@ def test_removing_nothing_returns_the_weight_unchanged():
 def test_mismatched_shapes_are_rejected():
     with pytest.raises(ValueError, match="do not match"):
         obs_remove_columns(weight(), torch.eye(IN + 1), REMOVE)
+
+
+def test_the_update_from_one_cholesky_factor_equals_the_full_inverse_path():
+    X = correlated_inputs(256, seed=6)
+    H, W = X.T @ X, weight()
+    update, reason = obs_update(H, REMOVE)
+    assert reason is None
+    full = obs_remove_columns(W, H, REMOVE)
+    torch.testing.assert_close(update.apply(W), full.weight, rtol=1e-9, atol=1e-12)
+    assert torch.equal(update.keep, full.keep)
+
+
+def test_the_update_is_row_local_so_a_block_of_rows_compensates_alone():
+    X = correlated_inputs(256, seed=7)
+    update, _ = obs_update(X.T @ X, REMOVE)
+    W = weight()
+    whole = update.apply(W)
+    torch.testing.assert_close(update.apply(W[3:7]), whole[3:7], rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(whole, W[:, update.keep])  # it does compensate
+
+
+def test_the_update_reports_a_hessian_without_data():
+    update, reason = obs_update(torch.zeros(IN, IN), REMOVE)
+    assert update is None and "no data" in reason

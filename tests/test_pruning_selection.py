@@ -7,12 +7,7 @@ import torch
 
 from efficientllm.architecture import Architecture, LayerWidths
 from efficientllm.pruning.layout import GroupSizes, LayerLayout
-from efficientllm.pruning.selection import (
-    Constraints,
-    check_reachable,
-    select,
-    smallest_reachable,
-)
+from efficientllm.pruning.selection import Constraints, check_reachable, select, smallest_reachable
 
 ARCH = Architecture.uniform(
     hidden_size=64,
@@ -133,12 +128,16 @@ def test_ffn_takes_the_cheapest_channels_of_each_rank_not_of_the_layer():
     assert result.plan.removed_ffn(0) == (0, 1, 48, 49)  # lcm(4, 2) = 4: two per rank
 
 
-def test_widths_stay_multiples_of_alignment_and_tp():
+def test_widths_stay_multiples_of_alignment_and_tp_and_hidden_ends_its_phase_aligned():
     constraints = Constraints(tensor_parallel_size=2, align=12, min_hidden=8, min_ffn_per_layer=8)
     for budget in (10_000, 80_000, 200_000):
-        new = select(ARCH, random_scores(seed=budget), budget, constraints).plan.apply(ARCH)
+        scores = random_scores(seed=budget)
+        new = select(ARCH, scores, budget, constraints).plan.apply(ARCH)
         assert all(l.ffn_hidden_size % 12 == 0 for l in new.layers)  # lcm(12, 2)
-        assert new.hidden_size % 12 == 0
+        # a one-event phase: a hidden unit is only started if it completes in it
+        last = ARCH.num_parameters() - budget
+        new = select(ARCH, scores, budget, constraints, phase_target=last).plan.apply(ARCH)
+        assert new.hidden_size % 12 == 0 and all(l.ffn_hidden_size % 12 == 0 for l in new.layers)
 
 
 def test_a_misaligned_width_is_aligned_by_the_first_unit():
@@ -153,12 +152,14 @@ def test_a_misaligned_width_is_aligned_by_the_first_unit():
     )
     constraints = Constraints(tensor_parallel_size=2, align=16, kinds=("ffn", "hidden"))
     result = select(arch, random_scores(arch), 1, constraints)
-    sizes = [len(u.indices) for u in result.units]
-    unit = result.units[0]
-    assert sizes == [len(unit.indices)]  # one unit: the remainder to the next aligned width
-    assert (unit.kind, len(unit.indices)) in {("ffn", 100 % 16), ("hidden", 70 % 16)}
-    new = result.plan.apply(arch)
-    assert new.layers[0].ffn_hidden_size % 16 == 0 or new.hidden_size % 16 == 0
+    # an unaligned hidden width is brought to alignment first, one channel at a time
+    assert [(u.kind, len(u.indices)) for u in result.units] == [("hidden", 1)]
+    result = select(arch, random_scores(arch), 70 % 16 * GroupSizes.of(arch).hidden, constraints)
+    assert [u.kind for u in result.units] == ["hidden"] * (70 % 16)
+    assert result.plan.apply(arch).hidden_size == 64
+    result = select(arch, random_scores(arch), 1, Constraints(tensor_parallel_size=2, align=16, kinds=("ffn",)))
+    assert [len(u.indices) for u in result.units] == [100 % 16]  # the ffn remainder is one unit
+    assert result.plan.apply(arch).layers[0].ffn_hidden_size % 16 == 0
 
 
 def test_every_kv_group_keeps_the_same_number_of_heads():

@@ -10,11 +10,11 @@ import torch
 from efficientllm.architecture import Architecture
 from efficientllm.config import ParallelConfig, SaliencyConfig, TrainingConfig
 from efficientllm.model import ModelOptions, build_model_chunks
-from efficientllm.pruning.groups import GroupId, shard_groups
-from efficientllm.pruning.hessian import HessianCollector
+from efficientllm.pruning.megatron.groups import GroupId, shard_groups
+from efficientllm.pruning.megatron.hessian import HessianCollector
+from efficientllm.pruning.megatron.saliency import SaliencyAccumulator
+from efficientllm.pruning.megatron.sync import global_score_table, reduce_window_over_dp
 from efficientllm.pruning.plan import Plan
-from efficientllm.pruning.saliency import SaliencyAccumulator
-from efficientllm.pruning.sync import global_score_table, reduce_hessians_over_dp
 
 SEQ, MBS, MICRO = 16, 2, 2
 
@@ -86,8 +86,10 @@ def brute_force(model, arch: Architecture, criterion: str) -> dict:
     p = lambda param: (param.main_grad.double() * param.detach().double())
     if criterion == "fisher":
         score = lambda x: 0.5 * (x ** 2).sum().item()
-    else:
+    elif criterion == "taylor":
         score = lambda x: abs(x.sum().item())
+    else:  # "signed": the first-order term before its absolute value
+        score = lambda x: x.sum().item()
     table = {"head": [], "kv_group": [], "ffn": []}
     hidden_parts: list[list[torch.Tensor]] = [[] for _ in range(h)]
     for l, block in enumerate(gpt.decoder.layers):
@@ -159,6 +161,32 @@ def test_scores_are_an_exponential_moving_average_over_steps(single_rank):
     torch.testing.assert_close(global_score_table(acc)["hidden"], ema, rtol=1e-5, atol=0)
 
 
+def _kinds(table: dict) -> dict[str, torch.Tensor]:
+    return {k: table[k] if k == "hidden" else torch.cat(table[k]) for k in ("head", "kv_group", "ffn", "hidden")}
+
+
+def test_taylor_is_one_definition_for_every_kind_the_absolute_value_of_the_averaged_sum(single_rank):
+    arch = tiny_arch()
+    model, optimizer = build(arch)
+    beta = 0.5
+    acc = SaliencyAccumulator(model, arch, SaliencyConfig(enabled=True, criterion="taylor", ema_beta=beta))
+    signed = []
+    for step in range(2):
+        train_step(model, optimizer, step, arch.vocab_size,
+                   lambda: (acc.update(), signed.append(_kinds(brute_force(model, arch, "signed")))))
+    table = _kinds(global_score_table(acc))
+    for kind in table:
+        first, second = signed[0][kind], signed[1][kind]
+        expected = (beta * first + (1 - beta) * second).abs()
+        torch.testing.assert_close(table[kind], expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item(), msg=kind)
+        # the sign flipped for some groups: an average of absolute values would differ there
+        flipped = (first * second < 0) & ((first.abs() - second.abs()).abs() > 0.1 * first.abs())
+        if kind in ("head", "ffn", "hidden"):
+            assert flipped.any(), kind
+            average_of_abs = beta * first.abs() + (1 - beta) * second.abs()
+            assert not torch.allclose(table[kind][flipped], average_of_abs[flipped], rtol=1e-3)
+
+
 def test_layer_score_is_one_minus_cosine_of_block_input_and_output(single_rank):
     arch = tiny_arch()
     model, optimizer = build(arch)
@@ -193,7 +221,7 @@ def test_accumulators_and_hessian_hooks_leave_training_bit_identical(single_rank
     losses = [train_step(model, optimizer, s, arch.vocab_size, acc.update) for s in range(3)]
     assert losses == base
     assert digest(model) == base_digest
-    assert acc.steps == 3 and hessians.tokens["layers.0.linear_fc2"] == 3 * MICRO * MBS * SEQ
+    assert acc.steps == 3 and hessians.tokens[(0, "linear_fc2")] == 3 * MICRO * MBS * SEQ
 
 
 def test_hooks_can_be_removed(single_rank):
@@ -226,9 +254,9 @@ def test_hessian_is_the_sum_of_input_outer_products_and_only_in_the_window(singl
     hessians.close_window()
     handle.remove()
     x = torch.cat(inputs).double()
-    reduce_hessians_over_dp(hessians)
-    torch.testing.assert_close(hessians.hessians["layers.1.linear_fc2"].double(), x.T @ x, rtol=1e-5, atol=1e-4)
-    assert set(hessians.hessians) == {f"layers.{l}.{m}" for l in (0, 1) for m in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")} | {"output_layer"}
+    reduce_window_over_dp(hessians)
+    torch.testing.assert_close(hessians.hessians[(1, "linear_fc2")].double(), x.T @ x, rtol=1e-5, atol=1e-4)
+    assert set(hessians.hessians) == {(l, m) for l in (0, 1) for m in ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")} | {(None, "output_layer")}
 
 
 def test_groups_have_global_identities_and_sizes(single_rank):

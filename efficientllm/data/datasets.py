@@ -15,9 +15,7 @@ from typing import Iterator, Sequence
 
 import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.blended_megatron_dataset_config import (
-    convert_split_vector_to_split_matrix,
-)
+from megatron.core.datasets.blended_megatron_dataset_config import convert_split_vector_to_split_matrix
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.utils import Split
 from torch.utils.data import Dataset

@@ -10,6 +10,11 @@ and the inverse Hessian of the kept columns K is the downdate
     H_d^-1 restricted to K = [H_d^-1]_KK - [H_d^-1]_KS ([H_d^-1]_SS)^-1 [H_d^-1]_SK,
 so several structures removed one after another equal removing their union at once.
 
+The correction is row-local: each output row is compensated from its own values alone
+(`ObsUpdate`), so a block of rows (an optimizer shard, say) can be compensated apart from the
+rest. `obs_update` gets it from one Cholesky factor of H_d and |S| solves, without the full
+inverse, for callers that do not chain removals.
+
 All algebra runs in float64 on the tensors' device; weights come back in W's dtype.
 """
 
@@ -49,6 +54,62 @@ def slice_hessian(H: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return H.index_select(0, keep).index_select(1, keep)
 
 
+@dataclass(frozen=True)
+class ObsUpdate:
+    """What removing input columns `drop` does to every row of a consumer, row by row:
+    row' = (row - row[drop] @ solved)[keep]."""
+
+    keep: torch.Tensor  # kept column indices (long)
+    drop: torch.Tensor  # removed column indices (long)
+    solved: torch.Tensor  # float64 [|S|, in]: ([H_d^-1]_SS)^-1 [H_d^-1]_S,:
+
+    def apply(self, rows: torch.Tensor) -> torch.Tensor:
+        """The compensated, kept columns of `rows` [k, in] -> [k, in - |S|], in float64."""
+        rows64 = rows.detach().to(torch.float64)
+        drop, keep = self.drop.to(rows.device), self.keep.to(rows.device)
+        updated = rows64 - rows64.index_select(1, drop) @ self.solved.to(rows.device)
+        return updated.index_select(1, keep)
+
+
+def _solve_removed(hinv_s: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """([H^-1]_SS)^-1 [H^-1]_S,: from the removed rows [H^-1]_S,: of the inverse."""
+    hinv_ss = hinv_s.index_select(1, drop)
+    chol, info = torch.linalg.cholesky_ex(hinv_ss)
+    if int(info) == 0:
+        return torch.cholesky_solve(hinv_s, chol)
+    return torch.linalg.solve(hinv_ss, hinv_s)
+
+
+def _damped_cholesky(
+    H: torch.Tensor, damping: float
+) -> tuple[torch.Tensor | None, str | None]:
+    """The lower Cholesky factor of H + lambda I in float64 (see `damped_inverse`)."""
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"Hessian must be square, got shape {tuple(H.shape)}")
+    H = H.detach().to(torch.float64)
+    # One sum finds a non-finite entry without a full boolean mask (these matrices are large).
+    if not bool(torch.isfinite(H.sum())):
+        return None, "Hessian has non-finite entries; columns dropped without compensation"
+    H = torch.add(H, H.T).mul_(0.5)
+    mean_diag = float(H.diagonal().mean()) if H.shape[0] else 0.0
+    if mean_diag <= 0.0:
+        return (
+            None,
+            "Hessian has no data (mean diagonal is 0); columns dropped without compensation",
+        )
+    first, added = damping * mean_diag, 0.0
+    # Raise the damping only if the requested one leaves H (numerically) indefinite.
+    for lam in [first] + [
+        mean_diag * 10.0**e for e in (-8, -6, -4, -2, 0) if mean_diag * 10.0**e > first
+    ]:
+        H.diagonal().add_(lam - added)  # H is this function's own copy
+        added = lam
+        chol, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0:
+            return chol, None
+    return None, "Hessian is not positive definite even with damping 1.0; columns dropped"
+
+
 def damped_inverse(
     H: torch.Tensor, damping: float = 0.01
 ) -> tuple[torch.Tensor | None, str | None]:
@@ -56,28 +117,26 @@ def damped_inverse(
 
     Returns (None, reason) when H carries no information (zero or non-finite diagonal) or stays
     indefinite even after raising the damping."""
-    if H.dim() != 2 or H.shape[0] != H.shape[1]:
-        raise ValueError(f"Hessian must be square, got shape {tuple(H.shape)}")
-    H = H.detach().to(torch.float64)
-    if not bool(torch.isfinite(H).all()):
-        return None, "Hessian has non-finite entries; columns dropped without compensation"
-    H = (H + H.T) / 2
-    mean_diag = float(H.diagonal().mean()) if H.shape[0] else 0.0
-    if mean_diag <= 0.0:
-        return (
-            None,
-            "Hessian has no data (mean diagonal is 0); columns dropped without compensation",
-        )
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    first = damping * mean_diag
-    # Raise the damping only if the requested one leaves H (numerically) indefinite.
-    for lam in [first] + [
-        mean_diag * 10.0**e for e in (-8, -6, -4, -2, 0) if mean_diag * 10.0**e > first
-    ]:
-        chol, info = torch.linalg.cholesky_ex(H + lam * eye)
-        if int(info) == 0:
-            return torch.cholesky_inverse(chol), None
-    return None, "Hessian is not positive definite even with damping 1.0; columns dropped"
+    chol, reason = _damped_cholesky(H, damping)
+    return (None, reason) if chol is None else (torch.cholesky_inverse(chol), None)
+
+
+def obs_update(
+    H: torch.Tensor, remove: torch.Tensor, damping: float = 0.01
+) -> tuple[ObsUpdate | None, str | None]:
+    """The OBS correction for removing input columns `remove` of a consumer whose Hessian is
+    H, or (None, reason) when H has no usable data (see `damped_inverse`). Costs one Cholesky
+    factor and |S| triangular solves: only the removed rows of the inverse are formed."""
+    chol, reason = _damped_cholesky(H, damping)
+    if chol is None:
+        return None, reason
+    n = H.shape[0]
+    keep = complement(n, remove).to(chol.device)
+    drop = complement(n, keep).to(chol.device)
+    unit = torch.zeros(n, drop.numel(), dtype=chol.dtype, device=chol.device)
+    unit[drop, torch.arange(drop.numel(), device=chol.device)] = 1.0
+    hinv_s = torch.cholesky_solve(unit, chol).T  # H_d^-1 is symmetric: its removed rows
+    return ObsUpdate(keep, drop, _solve_removed(hinv_s, drop)), None
 
 
 def obs_step(W: torch.Tensor, hinv: torch.Tensor, remove: torch.Tensor) -> Compensated:
@@ -88,23 +147,17 @@ def obs_step(W: torch.Tensor, hinv: torch.Tensor, remove: torch.Tensor) -> Compe
     n = W.shape[1]
     keep = complement(n, remove).to(W.device)
     drop = complement(n, keep).to(W.device)
-    W64 = W.detach().to(torch.float64)
     hinv = hinv.to(device=W.device, dtype=torch.float64)
     if drop.numel() == 0:
         return Compensated(W.detach().clone(), keep, hinv.clone())
-    hinv_ss = hinv.index_select(0, drop).index_select(1, drop)
     hinv_s = hinv.index_select(0, drop)  # [|S|, n]
-    chol, info = torch.linalg.cholesky_ex(hinv_ss)
-    if int(info) == 0:
-        solved = torch.cholesky_solve(hinv_s, chol)  # ([H^-1]_SS)^-1 [H^-1]_S,:
-    else:
-        solved = torch.linalg.solve(hinv_ss, hinv_s)
-    updated = W64 - W64.index_select(1, drop) @ solved
+    update = ObsUpdate(keep, drop, _solve_removed(hinv_s, drop))
+    solved = update.solved
     hinv_keep = hinv.index_select(0, keep).index_select(1, keep) - hinv_s.index_select(
         1, keep
     ).T @ solved.index_select(1, keep)
     hinv_keep = (hinv_keep + hinv_keep.T) / 2
-    return Compensated(updated.index_select(1, keep).to(W.dtype), keep, hinv_keep)
+    return Compensated(update.apply(W).to(W.dtype), keep, hinv_keep)
 
 
 def obs_remove_columns(

@@ -39,7 +39,11 @@ def _index_set(removed: Iterable[int], size: int, what: str) -> set[int]:
 
 
 def _long(values: Iterable[int]) -> torch.Tensor:
-    return torch.tensor(list(values), dtype=torch.long)
+    return torch.tensor(list(values), dtype=torch.long)  # cpu-ok: host index arithmetic, moved to the weights' device where used
+
+
+def _span(start: int, stop: int) -> torch.Tensor:
+    return _long(range(start, stop))
 
 
 def complement(size: int, removed: Iterable[int]) -> torch.Tensor:
@@ -180,19 +184,19 @@ class LayerLayout:
         group = self.group_of_head(head)
         j = head % self.heads_per_group
         start = self._group_offset(group) + j * self.head_dim
-        return torch.arange(start, start + self.head_dim)
+        return _span(start, start + self.head_dim)
 
     def qkv_key_value_rows(self, group: int) -> torch.Tensor:
         """Local rows of linear_qkv holding KV group `group`'s key then value (2d rows)."""
         group = self._check(group, self.widths.num_query_groups, "group")
         start = self._group_offset(group) + self.heads_per_group * self.head_dim
-        return torch.arange(start, start + 2 * self.head_dim)
+        return _span(start, start + 2 * self.head_dim)
 
     def proj_columns(self, head: int) -> torch.Tensor:
         """Local columns of linear_proj that read query head `head` (d columns)."""
         head = self._check(head, self.widths.num_attention_heads, "head")
         start = (head % self.heads_per_rank) * self.head_dim
-        return torch.arange(start, start + self.head_dim)
+        return _span(start, start + self.head_dim)
 
     def fc1_rows(self, channel: int) -> torch.Tensor:
         """Local rows of linear_fc1 of FFN channel `channel`: [gate row, up row]."""
@@ -225,13 +229,13 @@ class LayerLayout:
                 continue
             rows.extend(self.qkv_query_rows(k) for k in kept)
             rows.append(self.qkv_key_value_rows(g))
-        return torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)
+        return torch.cat(rows) if rows else _long(())
 
     def kept_proj_columns(self, rank: int, removed_heads: Iterable[int]) -> torch.Tensor:
         """Local columns of rank's linear_proj shard that survive removing `removed_heads`."""
         gone = _index_set(removed_heads, self.widths.num_attention_heads, "head")
         cols = [self.proj_columns(k) for k in self.heads_on_rank(rank) if k not in gone]
-        return torch.cat(cols) if cols else torch.empty(0, dtype=torch.long)
+        return torch.cat(cols) if cols else _long(())
 
     def kept_fc1_rows(self, rank: int, removed_channels: Iterable[int]) -> torch.Tensor:
         """Local rows of rank's linear_fc1 shard that survive: [kept gate rows; kept up rows]."""

@@ -12,24 +12,37 @@ model buildable under the constraints:
     so every group keeps the same number of heads;
   * "kv_group": tp whole KV groups, the cheapest one on each TP rank (all its remaining heads
     plus its k/v rows); only while the group count stays >= max(tp, min_query_groups).
-- hidden: `align` channels (hidden is replicated over TP), cheapest first; the first unit
-  removes hidden_size % align if that is not zero.
+- hidden: `align` channels (hidden is replicated over TP), cheapest first, ranked as one unit
+  but removed one channel at a time: once a unit is started its remaining channels go first,
+  before anything else is ranked, at this and the following events, until the width is aligned
+  again. One aligned hidden unit of a large model is hundreds of events' budgets (64 channels of
+  SmolLM-1.7B: 53M parameters, 354 events); removed in pieces, the parameter count follows the
+  schedule within one channel instead of dropping 53M at once. A unit is started only if it
+  can be completed above the phase's final target, so the phase ends aligned. A width that is
+  not a multiple of `align` to begin with is aligned first.
 - layer (optional): one whole transformer block.
 
 A unit's score is the sum of its groups' scores. Ranking sizes are taken from the Architecture
-at the start of the event; the budget is checked with the exact parameter count. Ties break on
+at the start of the event; the budget is checked with the exact parameter count. An event
+overshoots its budget by less than its last unit, so the count after every event is within
+`Selection.unit_bound` (the largest head/ffn unit, or one hidden channel) of the schedule. Ties break on
 (value, kind head<ffn<hidden<layer, layer, unit shape, smallest index), and sums are exactly
 rounded (math.fsum), so equal inputs give bit-identical plans.
+
+`select_architecture` prunes once to a given Architecture with the same units, scores and
+greedy core: instead of a budget, each unit is admitted only while it leaves every width at or
+above the target's (`check_architecture_reachable` says up front whether the grid gets there).
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+import numpy as np
 import torch
 
 from efficientllm.architecture import Architecture
@@ -102,7 +115,7 @@ class Unit:
     score: float  # summed saliency of its groups
     size: int  # parameters, from the Architecture at the event start (used for ranking)
     groups: int  # number of minimal groups in it (heads for head/kv_group units)
-    value: float  # the normalised score it was ranked by
+    value: float  # the normalised score it was ranked by (a hidden piece: its aligned unit's)
     removed: int = 0  # exact parameters it removed when taken
 
     @property
@@ -120,6 +133,9 @@ class Selection:
     params_before: int
     params_after: int  # exact: plan.apply(arch).num_parameters()
     target_params: int
+    unit_bound: int = 0  # the largest removal one unit could make at this event
+    # per kind: the lowest saliency per parameter its candidates offered (why the ranking chose)
+    score_per_param: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def met(self) -> bool:
@@ -226,6 +242,48 @@ def check_reachable(arch: Architecture, target_params: int, constraints: Constra
         )
 
 
+def check_architecture_reachable(source: Architecture, target: Architecture, constraints: Constraints) -> None:
+    """Raise ValueError naming the first width of `target` that `select_architecture` cannot
+    reach from `source`: selection only removes, in its units (ffn in lcm(align, tp) channels,
+    hidden in `align`, heads one per KV group or tp whole groups), above the minimums, and only
+    the kinds `constraints.kinds` enables; every layer is kept."""
+    c = constraints
+    for name in ("vocab_size", "head_dim", "tie_embeddings", "num_layers"):
+        if getattr(target, name) != getattr(source, name):
+            raise ValueError(f"target {name} {getattr(target, name)} differs from the source's "
+                             f"{getattr(source, name)}; pruning changes only hidden_size and per-layer widths")
+    if c.max_ratio:
+        raise ValueError(f"max_ratio {dict(c.max_ratio)} caps one event, but a target architecture is reached "
+                         f"in one event; leave max_ratio unset")
+    target.validate(c.tensor_parallel_size)
+
+    def width(where: str, name: str, want: int, have: int, kind: str, unit: int, minimum: int) -> None:
+        if want == have:
+            return
+        why = None
+        if kind not in c.kinds:
+            why = f"kind '{kind}' is not among the pruned kinds {list(c.kinds)}"
+        elif want > have:
+            why = "pruning only removes"
+        elif want % unit:
+            why = f"it must be a multiple of {unit} (align {c.align}, tensor_parallel_size {c.tensor_parallel_size})"
+        elif want < max(minimum, 1):
+            why = f"the minimum is {minimum}"
+        if why:
+            raise ValueError(f"target {where}{name} {want} is not reachable from the source's {have}: {why}")
+
+    width("", "hidden_size", target.hidden_size, source.hidden_size, "hidden", c.hidden_unit, c.min_hidden)
+    for l, (have, want) in enumerate(zip(source.layers, target.layers)):
+        where = f"layer {l} "
+        width(where, "ffn_hidden_size", want.ffn_hidden_size, have.ffn_hidden_size, "ffn", c.ffn_unit,
+              c.min_ffn_per_layer)
+        width(where, "num_query_groups", want.num_query_groups, have.num_query_groups, "head",
+              c.tensor_parallel_size, max(c.min_query_groups, c.tensor_parallel_size))
+        width(where, "heads per KV group", want.heads_per_group, have.heads_per_group, "head", 1, 1)
+        width(where, "num_attention_heads", want.num_attention_heads, have.num_attention_heads, "head", 1,
+              c.min_heads_per_layer)
+
+
 # Parameters are exactly hidden_size * (model coefficient + sum of layer coefficients).
 def _model_coefficient(arch: Architecture) -> int:
     return arch.vocab_size * (1 if arch.tie_embeddings else 2) + 1  # embeddings + final norm
@@ -239,7 +297,7 @@ def _layer_coefficient(head_dim: int, heads: int, groups: int, ffn: int) -> int:
 
 
 def _as_floats(value: Any, width: int, what: str) -> list[float]:
-    tensor = torch.as_tensor(value).detach().to("cpu", torch.float64)
+    tensor = torch.as_tensor(value).detach().to("cpu", torch.float64)  # cpu-ok: the ranking runs on the host
     if tuple(tensor.shape) != (width,):
         raise ValueError(f"{what}: expected shape ({width},), got {tuple(tensor.shape)}")
     if not bool(torch.isfinite(tensor).all()):
@@ -291,8 +349,10 @@ class _Selector:
         scores: Mapping[str, Any],
         constraints: Constraints,
         normalisation: Normalisation,
+        phase_target: int | None = None,
     ) -> None:
         c = self.c = constraints
+        self.phase_target = phase_target
         tp = c.tensor_parallel_size
         arch.validate(tp)
         self.arch = arch
@@ -305,8 +365,10 @@ class _Selector:
             raise ValueError(f"constraints enable kinds {missing} but scores has no entry for them")
         L = arch.num_layers
 
-        def by_score(values: list[float], indices: Iterable[int]) -> list[int]:
-            return sorted(indices, key=lambda i: (values[i], i))
+        def by_score(values: list[float], indices: range) -> list[int]:
+            """`indices` (a contiguous range) cheapest first; ties stay in index order."""
+            order = np.argsort(np.asarray(values[indices.start: indices.stop]), kind="stable")
+            return (order + indices.start).tolist()
 
         # Remaining candidates in removal order (cheapest first), consumed from the front.
         if "head" in self.kinds:
@@ -353,7 +415,7 @@ class _Selector:
         self.removed_hidden: list[int] = []
         self.removed_layers: list[int] = []
         self.coefficients = [self._coefficient(l) for l in range(L)]
-        self.params = self._params()
+        self.params = self.params_at_start = self._params()
         assert self.params == arch.num_parameters(), "parameter formula out of sync"
 
         # Per-event caps from max_ratio.
@@ -440,14 +502,20 @@ class _Selector:
             scores = (self.ffn_scores[l][ch] for ch in picks)
             return self._unit("ffn", l, picks, scores, step * self.sizes.ffn, step)
         if kind == "hidden":
-            step = _step(self.h, c.hidden_unit)
+            step = _step(self.h, c.hidden_unit)  # the channels that complete an aligned unit
             if not _step_allowed(self.h, step, c.min_hidden):
                 return None
-            if len(self.removed_hidden) + step > self.hidden_cap:
+            if len(self.removed_hidden) + 1 > self.hidden_cap:
                 return None
+            starting = not self.hidden_in_progress()
+            per_channel = self.params // self.h
+            if starting and self.phase_target is not None and self.params - step * per_channel < self.phase_target:
+                return None  # it could not be completed before the phase ends
             picks = self.hidden_queue[:step]
-            scores = (self.hidden_scores[ch] for ch in picks)
-            return self._unit("hidden", 0, picks, scores, step * self.sizes.hidden, step)
+            ranked = self._unit("hidden", 0, picks, (self.hidden_scores[ch] for ch in picks),
+                                step * self.sizes.hidden, step)
+            first = picks[0]
+            return Unit("hidden", 0, (first,), self.hidden_scores[first], self.sizes.hidden, 1, ranked.value)
         if kind == "layer":
             left = sum(self.alive)
             if not self.alive[l] or left - 1 < max(c.min_layers, 1):
@@ -456,6 +524,25 @@ class _Selector:
                 return None
             return self._unit("layer", l, [l], [self.layer_scores[l]], self.sizes.layers[l], 1)
         raise AssertionError(kind)
+
+    def hidden_in_progress(self) -> bool:
+        """A hidden unit is started and not complete (or the width began unaligned)."""
+        return "hidden" in self.kinds and self.h % self.c.hidden_unit != 0
+
+    def offers(self) -> tuple[int, dict[str, float]]:
+        """Before anything is taken: the largest removal one unit can make (a head/ffn unit, or
+        one hidden channel; whole layers are not bounded) and, per kind, the lowest saliency per
+        removed parameter its candidates offer (raw score / size, whatever the normalisation)."""
+        bound, cheapest = 0, {}
+        for stream in self.streams():
+            unit = self.candidate(stream)
+            if unit is None:
+                continue
+            family = _UNIT_FAMILY[unit.kind]
+            if family != "layer":
+                bound = max(bound, unit.size)
+            cheapest[family] = min(cheapest.get(family, math.inf), unit.score / unit.size)
+        return bound, cheapest
 
     def streams(self) -> list[tuple[str, int]]:
         out: list[tuple[str, int]] = []
@@ -532,6 +619,7 @@ def select(
     budget_params: int,
     constraints: Constraints | None = None,
     normalisation: Normalisation = "per_parameter",
+    phase_target: int | None = None,
 ) -> Selection:
     """Remove the cheapest units until at least `budget_params` parameters are gone.
 
@@ -542,43 +630,98 @@ def select(
     removal (missing: those rows count as free). Only the kinds enabled in `constraints.kinds`
     are read. Stops as soon as the budget is met (overshooting by less than
     the last unit); if the constraints run out first, returns everything allowed with
-    `Selection.met` False and the `shortfall`.
+    `Selection.met` False and the `shortfall`. `phase_target`, the parameter count the whole
+    pruning phase ends at, keeps a hidden unit from being started that could not be completed.
     """
     constraints = constraints or Constraints()
-    selector = _Selector(arch, scores, constraints, normalisation)
+    selector = _Selector(arch, scores, constraints, normalisation, phase_target)
+    bound, cheapest = selector.offers()
     before = selector.params
     target = before - int(budget_params)
-
-    heap: list[tuple[tuple, tuple[str, int], int, Unit]] = []
-    version: dict[tuple[str, int], int] = {}
-
-    def push(stream: tuple[str, int]) -> None:
-        version[stream] = version.get(stream, 0) + 1
-        unit = selector.candidate(stream)
-        if unit is not None:
-            heapq.heappush(heap, (unit.key, stream, version[stream], unit))
-
-    for stream in selector.streams():
-        push(stream)
-
-    taken: list[Unit] = []
-    while selector.params > target and heap:
-        key, stream, v, unit = heapq.heappop(heap)
-        if v != version[stream]:
-            continue  # superseded by a newer candidate of the same stream
-        fresh = selector.candidate(stream)  # constraints that depend on other streams
-        if fresh is None:
-            continue
-        if fresh.key != key:
-            push(stream)
-            continue
-        unit, changed = selector.take(fresh)
-        taken.append(unit)
-        for s in changed:
-            push(s)
-
+    taken = _take_cheapest(selector, admits=lambda unit: True, stop=lambda: selector.params <= target)
     plan = selector.plan()
     after = plan.apply(arch).num_parameters()
     if after != selector.params:
         raise AssertionError(f"selection bookkeeping {selector.params} != plan.apply {after}")
-    return Selection(plan, tuple(taken), before, after, target)
+    return Selection(plan, tuple(taken), before, after, target, bound, cheapest)
+
+
+def select_architecture(
+    arch: Architecture,
+    scores: Mapping[str, Any],
+    target: Architecture,
+    constraints: Constraints | None = None,
+    normalisation: Normalisation = "per_parameter",
+) -> Selection:
+    """Prune once to a given Architecture (LLM-Pruner's and Minitron's one-shot pruning): within
+    each layer the least salient heads, KV groups and FFN channels go, and the least salient
+    hidden channels of the model, until every width is `target`'s.
+
+    The same scores, units and normalisation as `select`; only which units may be taken
+    differs: any unit that leaves every width at or above the target's, cheapest first, until
+    none is left (inside a layer, whether a head from every group or whole KV groups go next is
+    decided by their normalised scores). Raises ValueError naming the first width the
+    constraints cannot reach (`check_architecture_reachable`)."""
+    constraints = constraints or Constraints()
+    check_architecture_reachable(arch, target, constraints)
+    selector = _Selector(arch, scores, constraints, normalisation)
+    bound, cheapest = selector.offers()
+    tp = constraints.tensor_parallel_size
+
+    def toward_target(unit: Unit) -> bool:
+        l, want = unit.layer, target.layers[unit.layer]
+        if unit.kind == "head":
+            return selector.hpg[l] - 1 >= want.heads_per_group
+        if unit.kind == "kv_group":
+            return len(selector.groups_alive[l]) - tp >= want.num_query_groups
+        if unit.kind == "ffn":
+            return selector.ffn[l] - len(unit.indices) >= want.ffn_hidden_size
+        if unit.kind == "hidden":
+            return selector.h - len(unit.indices) >= target.hidden_size
+        return False  # a target keeps every layer
+
+    taken = _take_cheapest(selector, admits=toward_target, stop=lambda: False)
+    plan = selector.plan()
+    if plan.apply(arch) != target:
+        raise AssertionError(f"selection ended at {plan.apply(arch)}, not at the target {target}")
+    return Selection(plan, tuple(taken), selector.params_at_start, selector.params,
+                     target.num_parameters(), bound, cheapest)
+
+
+def _take_cheapest(selector: _Selector, admits: Callable[[Unit], bool], stop: Callable[[], bool]) -> list[Unit]:
+    """The greedy core of both selections: until `stop()` or no admitted unit is left, take the
+    cheapest admitted unit; a started hidden unit's next channel goes before anything is ranked."""
+    heap: list[tuple[tuple, tuple[str, int], int, Unit]] = []
+    version: dict[tuple[str, int], int] = {}
+    taken: list[Unit] = []
+
+    def push(stream: tuple[str, int]) -> None:
+        version[stream] = version.get(stream, 0) + 1
+        unit = selector.candidate(stream)
+        if unit is not None and admits(unit):
+            heapq.heappush(heap, (unit.key, stream, version[stream], unit))
+
+    def take(unit: Unit) -> None:
+        unit, changed = selector.take(unit)
+        taken.append(unit)
+        for s in changed:
+            push(s)
+
+    for stream in selector.streams():
+        push(stream)
+    while not stop() and heap:
+        piece = selector.candidate(("hidden", 0)) if selector.hidden_in_progress() else None
+        if piece is not None and admits(piece):
+            take(piece)
+            continue
+        key, stream, v, unit = heapq.heappop(heap)
+        if v != version[stream]:
+            continue  # superseded by a newer candidate of the same stream
+        fresh = selector.candidate(stream)  # constraints that depend on other streams
+        if fresh is None or not admits(fresh):
+            continue
+        if fresh.key != key:
+            push(stream)
+            continue
+        take(fresh)
+    return taken

@@ -8,7 +8,8 @@ Layout, Megatron-LM style, under the save directory:
         efficientllm.json                 Architecture, iteration, data position, layout, config
         trainer_state.pt                  LR scheduler, TrainState, `extra` (pruning state, ...)
         rng/rank_00000.pt                 every rank's RNG states
-        manifest.json                     every file above with its size (written last)
+        tokenizer/                        the run's tokenizer (load_tokenizer and transformers read it)
+        manifest.json                     every file above with its size and CRC32 (written last)
 
 A checkpoint is written under `iter_0000100.partial/`, synced, and renamed: a directory named
 `iter_N` is complete by construction. The tracker is replaced atomically after the rename, and
@@ -17,6 +18,10 @@ the previous complete checkpoint loadable.
 
 Loading rebuilds the model from the stored Architecture before any shard is read, so a pruned
 model loads at its own shapes and at any TP/PP that divides its widths.
+
+A weights-only checkpoint (`save_model_weights`, what `efficientllm import hf` writes at
+iteration 0) holds the model shards, metadata and tokenizer; `load` starts a run from it with
+the run's fresh optimizer and schedule, as Megatron-LM does for a pretrained `--load`.
 
 Extra state (pruning schedule, saliency accumulators, ...) goes through
 `Trainer.checkpointables`: name -> object with `state_dict()`/`load_state_dict(sd)` (replicated
@@ -37,24 +42,42 @@ import random
 import re
 import shutil
 import time
+import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from efficientllm.architecture import Architecture
 
 if TYPE_CHECKING:
     from efficientllm.config import Config
-    from efficientllm.training.trainer import Trainer
+    from efficientllm.data.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+class Run(Protocol):
+    """What a checkpoint saves and restores: the parts of a running Trainer (training/trainer.py)."""
+
+    config: "Config"
+    arch: Architecture
+    model: list  # megatron DDP-wrapped chunks
+    optimizer: Any
+    scheduler: Any
+    state: Any  # trainer.TrainState
+    data: Any  # data.prepare.PreparedData
+    dp_size: int
+    checkpointables: dict[str, Any]
+    pending_extra_state: dict[str, Any]
 
 FORMAT = "efficientllm-checkpoint/1"
 TRACKER = "latest_checkpointed_iteration.txt"
 META = "efficientllm.json"
 TRAINER_STATE = "trainer_state.pt"
 RNG_DIR = "rng"
+TOKENIZER_DIR = "tokenizer"
 MANIFEST = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
+OLD_SUFFIX = ".old"  # a replaced checkpoint of the same iteration, until it is deleted
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 # The distributed optimizer's layout in the checkpoint: gathered over DP into one tensor per
 # parameter state, so it reshards over TP/PP/DP like the model (megatron-core 0.16 no longer
@@ -124,22 +147,44 @@ def _files_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
-def write_manifest(ckpt_dir: Path) -> None:
-    """Sync every file of the checkpoint and record its size; the manifest goes last."""
+def crc32_of(path: Path) -> int:
+    """zlib's CRC32 of a file, read in 1 MiB blocks."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _checkpoint_files(ckpt_dir: Path) -> list[Path]:
+    return [p for p in _files_under(ckpt_dir) if p.name != MANIFEST]
+
+
+def crc32_share(ckpt_dir: Path, rank: int, world_size: int) -> dict[str, int]:
+    """The CRC32s of this rank's share of a checkpoint's files (every `world_size`-th one), so
+    that the ranks of a save read the checkpoint once between them."""
+    files = _checkpoint_files(ckpt_dir)
+    return {str(p.relative_to(ckpt_dir)): crc32_of(p) for p in files[rank::world_size]}
+
+
+def write_manifest(ckpt_dir: Path, crcs: dict[str, int] | None = None) -> None:
+    """Sync every file of the checkpoint and record its size and CRC32 (from `crcs`, else read
+    here); the manifest goes last."""
+    crcs = crcs or {}
     files = {}
-    for path in _files_under(ckpt_dir):
-        if path.name == MANIFEST:
-            continue
+    for path in _checkpoint_files(ckpt_dir):
         _fsync_file(path)
-        files[str(path.relative_to(ckpt_dir))] = path.stat().st_size
+        name = str(path.relative_to(ckpt_dir))
+        files[name] = {"size": path.stat().st_size, "crc32": crcs[name] if name in crcs else crc32_of(path)}
     for sub in {p.parent for p in _files_under(ckpt_dir)}:
         _fsync_dir(sub)
     _write_atomically(ckpt_dir / MANIFEST, json.dumps({"format": FORMAT, "files": files}, indent=1))
 
 
 def verify(ckpt_dir: str | Path) -> dict[str, Any]:
-    """Check that every file the checkpoint was written with is there at its size; return its
-    metadata. Raises CheckpointError naming the first missing or truncated file."""
+    """Check that every file the checkpoint was written with is there with its size and CRC32
+    (manifests of older checkpoints hold sizes only); return its metadata. Raises
+    CheckpointError naming the first missing, truncated or altered file."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
@@ -151,13 +196,16 @@ def verify(ckpt_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: {manifest_path} is missing") from None
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint manifest {manifest_path} is corrupt: {err}") from None
-    for name, size in files.items():
+    for name, record in files.items():
         path = ckpt_dir / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint file {path} is missing")
+        size, crc = (record, None) if isinstance(record, int) else (record["size"], record["crc32"])
         actual = path.stat().st_size
         if actual != size:
             raise CheckpointError(f"checkpoint file {path} is truncated or altered: {actual} bytes, written with {size}")
+        if crc is not None and crc32_of(path) != crc:
+            raise CheckpointError(f"checkpoint file {path} is corrupt: its CRC32 differs from the one it was written with")
     return read_meta(ckpt_dir)
 
 
@@ -214,6 +262,29 @@ def _say(text: str) -> None:
         print(text, flush=True)
 
 
+def checkpoint_tokenizer(ckpt: str | Path) -> Path:
+    """The tokenizer directory stored in a checkpoint (a save directory's newest, or one iter_N)."""
+    found = find_checkpoint(ckpt)
+    if found is None:
+        raise CheckpointError(f"no checkpoint in {ckpt}")
+    path = found / TOKENIZER_DIR
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {found} stores no tokenizer ({TOKENIZER_DIR}/ is missing); give the tokenizer explicitly")
+    return path
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / MANIFEST).is_file() or (path / TRACKER).is_file() or bool(complete_iterations(path))
+
+
+def load_tokenizer_from(path: str | Path) -> "Tokenizer":
+    """The tokenizer of a checkpoint (its stored one) or of any path `load_tokenizer` reads."""
+    from efficientllm.data.tokenizer import load_tokenizer
+
+    path = Path(path)
+    return load_tokenizer(checkpoint_tokenizer(path) if path.is_dir() and is_checkpoint(path) else path)
+
+
 # ----- the Architecture a checkpoint is loaded at ----------------------------------------------
 def architecture_for_load(meta: dict[str, Any], config: "Config", ckpt_dir: Path) -> Architecture:
     """The stored Architecture, after checking that the run's model config is the one the
@@ -248,7 +319,7 @@ def _model_key(index: int, num_chunks: int) -> str:
     return "model" if num_chunks == 1 else f"model{index}"
 
 
-def _sharded_state_dict(trainer: "Trainer", is_loading: bool) -> dict[str, Any]:
+def _sharded_state_dict(trainer: "Run", is_loading: bool) -> dict[str, Any]:
     """Model chunks + optimizer (+ sharded extra state) as one megatron sharded state dict."""
     state: dict[str, Any] = {}
     for index, chunk in enumerate(trainer.model):
@@ -302,7 +373,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["torch_cuda"])
 
 
-def _layout(trainer: "Trainer") -> dict[str, Any]:
+def _layout(trainer: "Run") -> dict[str, Any]:
     import torch.distributed as dist
 
     p = trainer.config.parallel
@@ -316,27 +387,33 @@ def _layout(trainer: "Trainer") -> dict[str, Any]:
     }
 
 
-def _meta(trainer: "Trainer") -> dict[str, Any]:
-    seq = trainer.config.data.seq_length
-    summaries = {name: obj.summary() for name, obj in trainer.checkpointables.items() if hasattr(obj, "summary")}
+def _meta_record(config: "Config", arch: Architecture, iteration: int, consumed_samples: int,
+                 layout: dict[str, Any]) -> dict[str, Any]:
+    seq = config.data.seq_length
     return {
         "format": FORMAT,
         "backend": "torch_dist",
-        "iteration": trainer.state.iteration,
-        "consumed_samples": trainer.state.consumed_samples,
-        "consumed_tokens": trainer.state.consumed_samples * seq,
+        "iteration": iteration,
+        "consumed_samples": consumed_samples,
+        "consumed_tokens": consumed_samples * seq,
         "seq_length": seq,
-        "architecture": trainer.arch.to_dict(),
-        "num_parameters": trainer.arch.num_parameters(),
-        "parallel": _layout(trainer),
+        "architecture": arch.to_dict(),
+        "num_parameters": arch.num_parameters(),
+        "parallel": layout,
         "distrib_optim_sharding_type": DIST_OPTIM_SHARDING,
-        "extra": summaries,
-        "config": trainer.config.to_dict(),
+        "config": config.to_dict(),  # with the model's hyper-parameters (rotary_base, norm_epsilon, ...)
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def _trainer_state(trainer: "Trainer") -> dict[str, Any]:
+def _meta(trainer: "Run") -> dict[str, Any]:
+    summaries = {name: obj.summary() for name, obj in trainer.checkpointables.items() if hasattr(obj, "summary")}
+    record = _meta_record(trainer.config, trainer.arch, trainer.state.iteration, trainer.state.consumed_samples,
+                          _layout(trainer))
+    return {**record, "extra": summaries}
+
+
+def _trainer_state(trainer: "Run") -> dict[str, Any]:
     return {
         "train_state": dataclasses.asdict(trainer.state),
         "scheduler": trainer.scheduler.state_dict(),
@@ -349,8 +426,26 @@ def _rng_file(ckpt_dir: Path, rank: int) -> Path:
     return ckpt_dir / RNG_DIR / f"rank_{rank:05d}.pt"
 
 
+def _load_onto_this_rank(path: Path) -> Any:
+    """torch.load of a file a rank wrote: tensors saved from any GPU come back on this rank's
+    device (rank 0 wrote the trainer state from its own GPU; a rank's local GPU index may
+    differ after a requeue); host tensors, such as RNG states, stay on the host."""
+    import torch
+
+    from efficientllm import distributed
+
+    device = distributed.device()
+
+    def place(storage: Any, location: str) -> Any:
+        if location.startswith("cuda") and device.type == "cuda":
+            return storage.cuda(device.index)
+        return storage  # deserialised on the host
+
+    return torch.load(path, weights_only=False, map_location=place)
+
+
 # ----- save ------------------------------------------------------------------------------------
-def save(trainer: "Trainer", save_dir: str | Path) -> Path:
+def save(trainer: "Run", save_dir: str | Path) -> Path:
     """Write the checkpoint of the current iteration on every rank (a collective call)."""
     import torch
     import torch.distributed as dist
@@ -376,10 +471,14 @@ def save(trainer: "Trainer", save_dir: str | Path) -> Path:
     if rank == 0:
         torch.save(_trainer_state(trainer), partial / TRAINER_STATE)
         (partial / META).write_text(json.dumps(_meta(trainer), indent=1))
+        if trainer.data is not None:  # the checkpoint carries its tokenizer: export and eval need no other path
+            trainer.data.tokenizer.save(partial / TOKENIZER_DIR)
     dist.barrier()
 
+    shares: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, crc32_share(partial, rank, dist.get_world_size()))
     if rank == 0:
-        write_manifest(partial)
+        write_manifest(partial, {name: crc for share in shares for name, crc in share.items()})
         _replace_dir(partial, final)
         _write_atomically(save_dir / TRACKER, f"{trainer.state.iteration}\n")
         remove_old(save_dir, trainer.config.checkpoint.keep_last)
@@ -390,7 +489,7 @@ def save(trainer: "Trainer", save_dir: str | Path) -> Path:
 def _replace_dir(src: Path, dst: Path) -> None:
     """Rename a complete checkpoint into place (replacing one of the same iteration)."""
     if dst.exists():
-        trash = dst.with_name(dst.name + ".old")
+        trash = dst.with_name(dst.name + OLD_SUFFIX)
         shutil.rmtree(trash, ignore_errors=True)
         os.rename(dst, trash)
         os.rename(src, dst)
@@ -402,12 +501,53 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 def remove_old(save_dir: Path, keep_last: int) -> None:
     """Delete complete checkpoints beyond the newest `keep_last` (0 keeps all), and the leftovers
-    of crashed saves. Called only after a newer checkpoint is complete and tracked."""
+    of crashed saves and replacements. Called only after a newer checkpoint is complete and tracked."""
     if keep_last > 0:
         for iteration in complete_iterations(save_dir)[:-keep_last]:
             shutil.rmtree(iteration_dir(save_dir, iteration), ignore_errors=True)
-    for leftover in save_dir.glob(f"iter_*{PARTIAL_SUFFIX}"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    for pattern in (f"iter_*{PARTIAL_SUFFIX}", f"iter_*{OLD_SUFFIX}"):
+        for leftover in save_dir.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def save_model_weights(chunks: list[Any], save_dir: str | Path, config: "Config", arch: Architecture,
+                       tokenizer: Any, provenance: dict[str, Any]) -> Path:
+    """Write a weights-only checkpoint at iteration 0 (what `import hf` writes) on every rank of
+    the formed layout: model shards, metadata (`weights_only`, `provenance`) and the tokenizer.
+    `load` starts a run from it with a fresh optimizer; `load_model_weights` reads it as usual."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing, parallel_state
+
+    save_dir = Path(save_dir)
+    final = iteration_dir(save_dir, 0)
+    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save({_model_key(i, len(chunks)): chunk.sharded_state_dict() for i, chunk in enumerate(chunks)},
+                            str(partial))
+    if rank == 0:
+        p = config.parallel
+        layout = {
+            "tensor_model_parallel_size": p.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+            "virtual_pipeline_model_parallel_size": None,
+            "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+            "world_size": dist.get_world_size(),
+            "use_distributed_optimizer": False,
+        }
+        meta = {**_meta_record(config, arch, 0, 0, layout), "extra": {}, "weights_only": True, "provenance": provenance}
+        (partial / META).write_text(json.dumps(meta, indent=1))
+        tokenizer.save(partial / TOKENIZER_DIR)
+    dist.barrier()
+    if rank == 0:
+        write_manifest(partial)
+        _replace_dir(partial, final)
+        _write_atomically(save_dir / TRACKER, "0\n")
+    dist.barrier()
+    return final
 
 
 # ----- load ------------------------------------------------------------------------------------
@@ -429,14 +569,25 @@ def load_model_weights(chunks: list[Any], ckpt_dir: str | Path) -> dict[str, Any
     return meta
 
 
-def load(trainer: "Trainer", ckpt_dir: str | Path) -> dict[str, Any]:
-    """Load a verified checkpoint into a trainer whose model was built from its Architecture."""
-    import torch
+def start_from_weights(trainer: "Run", ckpt_dir: str | Path) -> dict[str, Any]:
+    """Megatron-LM's --finetune: only the model weights of a checkpoint, into a trainer whose
+    model was built from its Architecture; the optimizer (its fp32 main params follow the new
+    weights), LR schedule, iteration and data position stay fresh. Returns its metadata."""
+    meta = load_model_weights([chunk.module for chunk in trainer.model], ckpt_dir)
+    trainer.optimizer.reload_model_params()
+    return meta
+
+
+def load(trainer: "Run", ckpt_dir: str | Path) -> dict[str, Any]:
+    """Load a verified checkpoint into a trainer whose model was built from its Architecture
+    (a weights-only one, such as `import hf` writes, through `start_from_weights`)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
+    if meta.get("weights_only"):
+        return start_from_weights(trainer, ckpt_dir)
     template = _sharded_state_dict(trainer, is_loading=True)
     try:
         loaded = dist_checkpointing.load(template, str(ckpt_dir))
@@ -448,7 +599,7 @@ def load(trainer: "Trainer", ckpt_dir: str | Path) -> dict[str, Any]:
     for name, sd in loaded.get("extra", {}).items():
         trainer.checkpointables[name].load_state_dict(sd)
 
-    state = torch.load(ckpt_dir / TRAINER_STATE, weights_only=False)
+    state = _load_onto_this_rank(ckpt_dir / TRAINER_STATE)
     trainer.scheduler.num_steps = 0  # megatron's scheduler load adds the saved steps to its own
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.state = type(trainer.state)(**state["train_state"])
@@ -460,7 +611,7 @@ def load(trainer: "Trainer", ckpt_dir: str | Path) -> dict[str, Any]:
     saved, now = meta["parallel"], _layout(trainer)
     same_layout = all(saved[k] == now[k] for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "data_parallel_size", "world_size"))
     if same_layout:
-        rank_state = torch.load(_rng_file(ckpt_dir, dist.get_rank()), weights_only=False)
+        rank_state = _load_onto_this_rank(_rng_file(ckpt_dir, dist.get_rank()))
         set_rng_state(rank_state["rng"])
         for name, sd in rank_state["local"].items():
             trainer.checkpointables[name].load_local_state_dict(sd)

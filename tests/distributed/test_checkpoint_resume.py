@@ -129,7 +129,6 @@ def test_resume_across_pruning_events_is_bit_identical(tiny_config, tmp_path):
     run_worker(1, "train", config, tmp_path / "second", *common, "training.exit_interval=5", expect=EXIT_RESUMABLE)
     assert checkpoint.read_tracker(save_dir) == 5
     from efficientllm.architecture import Architecture
-
     from tests.distributed.conftest import TINY_MODEL
 
     source = Architecture.uniform(vocab_size=512, **TINY_MODEL)

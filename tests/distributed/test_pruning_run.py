@@ -1,5 +1,6 @@
 """Pruning-aware pretraining on real ranks: the same Plans at every pipeline layout, the target
-size reached at TP2PP2, OBS better than plain slicing, and bad pruning input refused up front."""
+size reached at TP2PP2, OBS better than plain slicing, tied embeddings identical on both stages,
+and bad pruning input refused up front."""
 
 from __future__ import annotations
 
@@ -61,3 +62,12 @@ def test_unreachable_or_too_large_targets_stop_before_training(tiny_config):
     config = tiny_config(training={"train_iters": 10}, prune=PRUNE)
     assert "is not below the source model" in _cli_error(config, "prune.target_ratio=null", "prune.target_params=10000000")
     assert "unreachable" in _cli_error(config, "prune.target_ratio=null", "prune.target_params=1000")
+
+
+def test_tied_embedding_copies_on_two_stages_stay_bit_identical_through_hidden_events(tiny_config, tmp_path):
+    config = tiny_config(model={"untie_embeddings_and_output_weights": False}, training={"train_iters": 6},
+                         prune={**PRUNE, "kinds": ["hidden"], "target_ratio": 0.85, "start_step": 2, "end_step": 5})
+    first, last = train_on_ranks(2, config, tmp_path, "parallel.pipeline_model_parallel_size=2")
+    assert Architecture.from_dict(first["architecture"]).hidden_size < TINY_MODEL["hidden_size"]
+    assert len(first["plans"]) >= 2, "hidden channels went at several events"
+    assert first["digests"]["embedding.word_embeddings.weight"] == last["digests"]["output_layer.weight"]

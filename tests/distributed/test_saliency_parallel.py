@@ -1,4 +1,5 @@
-"""The global score table and the local Hessians do not depend on the TP/PP layout."""
+"""The global score tables (fisher, taylor, activation), the local Hessians and the residual
+energies do not depend on the TP/PP layout."""
 
 from __future__ import annotations
 
@@ -62,9 +63,9 @@ def _assert_tables_close(a: dict, b: dict) -> None:
         torch.testing.assert_close(x, y, rtol=TABLE_RTOL, atol=TABLE_RTOL * y.abs().max().item(), msg=kind)
 
 
-def _tp_block(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+def _tp_block(key: tuple, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
     """The block of the single-process Hessian that a TP rank's local Hessian covers."""
-    if name.endswith(("linear_proj", "linear_fc2")):  # row-parallel: local inputs only
+    if key[1] in ("linear_proj", "linear_fc2"):  # row-parallel: local inputs only
         n = full.shape[0] // tp_size
         return full[tp_rank * n:(tp_rank + 1) * n, tp_rank * n:(tp_rank + 1) * n]
     return full  # hidden-side inputs are replicated over TP
@@ -75,7 +76,7 @@ def test_score_table_and_hessians_at_tp2pp2_equal_tp1pp1(config, base, tmp_path)
         4, config, tmp_path / "tp2pp2",
         "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
     )
-    for crit in ("fisher", "taylor"):
+    for crit in ("fisher", "taylor", "activation"):
         for r in ranks:  # identical on every rank, bit for bit
             for kind, value in r["tables"][crit].items():
                 assert torch.equal(_flat(r["tables"][crit], kind), _flat(ranks[0]["tables"][crit], kind))
@@ -84,11 +85,23 @@ def test_score_table_and_hessians_at_tp2pp2_equal_tp1pp1(config, base, tmp_path)
 
     seen = set()
     for r in ranks:
-        for name, h in r["hessians"].items():
-            seen.add(name)
-            expected = _tp_block(name, base["hessians"][name], r["tp_rank"], r["tp_size"])
-            torch.testing.assert_close(h, expected, rtol=HESSIAN_RTOL, atol=HESSIAN_RTOL * expected.abs().max().item(), msg=name)
+        for key, h in r["hessians"].items():
+            seen.add(key)
+            expected = _tp_block(key, base["hessians"][key], r["tp_rank"], r["tp_size"])
+            torch.testing.assert_close(h, expected, rtol=HESSIAN_RTOL, atol=HESSIAN_RTOL * expected.abs().max().item(), msg=str(key))
     assert seen == set(base["hessians"])
+    _assert_energies_close(ranks, base)
+
+
+def _assert_energies_close(ranks: list[dict], base: dict) -> None:
+    """Every norm's input energy per channel, per token, equals the single-process one."""
+    seen = set()
+    for r in ranks:
+        for key, energy in r["energies"].items():
+            seen.add(key)
+            expected = base["energies"][key]
+            torch.testing.assert_close(energy / energy.sum(), expected / expected.sum(), rtol=HESSIAN_RTOL, atol=0, msg=str(key))
+    assert seen == set(base["energies"]) and len(seen) == 2 * 4 + 1  # two per layer, the final norm
 
 
 def test_data_parallel_and_sequence_parallel_average_to_the_same_table(config, base, tmp_path):
@@ -96,9 +109,10 @@ def test_data_parallel_and_sequence_parallel_average_to_the_same_table(config, b
         4, config, tmp_path / "tp2dp2",
         "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
     )
-    for crit in ("fisher", "taylor"):
+    for crit in ("fisher", "taylor", "activation"):
         _assert_tables_close(ranks[0]["tables"][crit], base["tables"][crit])
     for r in ranks:
-        for name, h in r["hessians"].items():
-            expected = _tp_block(name, base["hessians"][name], r["tp_rank"], r["tp_size"])
-            torch.testing.assert_close(h, expected, rtol=HESSIAN_RTOL, atol=HESSIAN_RTOL * expected.abs().max().item(), msg=name)
+        for key, h in r["hessians"].items():
+            expected = _tp_block(key, base["hessians"][key], r["tp_rank"], r["tp_size"])
+            torch.testing.assert_close(h, expected, rtol=HESSIAN_RTOL, atol=HESSIAN_RTOL * expected.abs().max().item(), msg=str(key))
+    _assert_energies_close(ranks, base)

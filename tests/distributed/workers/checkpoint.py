@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from efficientllm import distributed
 from efficientllm.config import load_config
 from efficientllm.training.batches import micro_batches
 from efficientllm.training.trainer import Trainer
@@ -77,7 +78,8 @@ def logits(trainer: Trainer, out_dir: Path) -> None:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     c = trainer.config
-    batch = next(micro_batches(trainer.data.train, 0, c.training.micro_batch_size, trainer.dp_rank, trainer.dp_size))
+    batch = next(micro_batches(trainer.data.train, 0, c.training.micro_batch_size, trainer.dp_rank, trainer.dp_size,
+                               distributed.device()))
     kept = {}
 
     def forward_step(data_iterator, model):

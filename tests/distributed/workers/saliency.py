@@ -1,8 +1,10 @@
 """Worker for multi-rank saliency tests: train with accumulators on, open the Hessian window
-for the last steps, then write the global score table and this rank's reduced Hessians.
+for the last steps, then write the global score tables (fisher, taylor, and Minitron's
+activations from the window) and this rank's reduced Hessians and residual energies.
 
 Usage: python tests/distributed/workers/saliency.py OUT_DIR CONFIG [KEY=VALUE ...]
-Writes OUT_DIR/rank{R}.pt: {"table", "hessians", "losses", "tp_rank", "tp_size", "pp_rank"}.
+Writes OUT_DIR/rank{R}.pt: {"tables", "hessians", "energies", "losses", "tp_rank", "tp_size",
+"pp_rank", "dp_rank"}.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import torch
 from megatron.core import parallel_state
 
 from efficientllm.config import load_config
-from efficientllm.pruning.hessian import HessianCollector
-from efficientllm.pruning.saliency import SaliencyAccumulator
-from efficientllm.pruning.sync import global_score_table, reduce_hessians_over_dp
+from efficientllm.pruning.megatron import sync
+from efficientllm.pruning.megatron.hessian import HessianCollector
+from efficientllm.pruning.megatron.saliency import SaliencyAccumulator
 from efficientllm.training.trainer import Trainer
 
 
@@ -27,10 +29,12 @@ def main() -> None:
     try:
         trainer.setup()
         saliency = SaliencyAccumulator(trainer.model, trainer.arch, config.saliency)
-        hessians = HessianCollector(trainer.model, trainer.arch)
+        hessians = HessianCollector(trainer.model, trainer.arch, energies=True, activations=True)
         step = trainer.optimizer.step
 
-        def step_with_saliency():  # == the trainer line: saliency.update() before optimizer.step()
+        def step_with_saliency():  # what PruningPass does around the optimizer step
+            if sync.grads_are_reduce_scattered(trainer.model):
+                sync.complete_reduce_scattered_grads(trainer.model)
             saliency.update()
             return step()
 
@@ -43,12 +47,14 @@ def main() -> None:
                 hessians.open_window()
             losses.append(trainer.train_step(iterator)["loss"])
         hessians.close_window()
-        tables = {c: global_score_table(saliency, c) for c in ("fisher", "taylor")}
-        reduce_hessians_over_dp(hessians)
+        tables = {c: sync.global_score_table(saliency, c) for c in ("fisher", "taylor")}
+        sync.reduce_window_over_dp(hessians)
+        tables["activation"] = sync.global_score_table(saliency, "activation", window=hessians)
         torch.save(
             {
                 "tables": tables,
                 "hessians": hessians.hessians,
+                "energies": hessians.energies,
                 "losses": losses,
                 "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
                 "tp_size": parallel_state.get_tensor_model_parallel_world_size(),

@@ -38,9 +38,9 @@ PLAN = Plan(
 )
 
 
-def options(tp: int = 1, pp: int = 1, vp: int | None = None) -> ModelOptions:
-    return ModelOptions(seq_length=SEQ, tensor_model_parallel_size=tp,
-                        pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vp)
+def options(tp: int = 1, pp: int = 1, vp: int | None = None, bf16: bool = False) -> ModelOptions:
+    return ModelOptions(seq_length=SEQ, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                        virtual_pipeline_model_parallel_size=vp, bf16=bf16)
 
 
 def batches(seed: int = 0, num: int = NUM_MICRO) -> list[dict[str, torch.Tensor]]:
@@ -128,14 +128,14 @@ def train_step(model, optimizer, data) -> float:
     return _to_all(loss)
 
 
-def training(tp: int = 1, pp: int = 1, vp: int | None = None):
+def training(tp: int = 1, pp: int = 1, vp: int | None = None, bf16: bool = False, distributed: bool = False):
     from efficientllm.training.optimizer import build_optimizer, wrap_ddp
 
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                              virtual_pipeline_model_parallel_size=vp)
+                              virtual_pipeline_model_parallel_size=vp, use_distributed_optimizer=distributed)
     cfg = TrainingConfig(lr=1e-3, min_lr=1e-3, lr_warmup_iters=0, lr_decay_style="constant",
                          global_batch_size=MICRO * NUM_MICRO, micro_batch_size=MICRO,
-                         train_iters=100, weight_decay=0.1)
+                         train_iters=100, weight_decay=0.1, bf16=bf16)
 
     def build(chunks):
         model = wrap_ddp(chunks, parallel)
@@ -147,9 +147,10 @@ def training(tp: int = 1, pp: int = 1, vp: int | None = None):
 
 def moments_identical(old_optimizer, old_model, new_optimizer, new_model, plan, arch) -> int:
     """Check every new param's Adam state is exactly the old state's surviving slice."""
-    from efficientllm.pruning.surgery import _main_params, param_slices
+    from efficientllm.pruning.megatron.optimizer_state import main_params
+    from efficientllm.pruning.megatron.surgery import param_slices
 
-    old_main, new_main = _main_params(old_optimizer), _main_params(new_optimizer)
+    old_main, new_main = main_params(old_optimizer), main_params(new_optimizer)
     checked = 0
     for s in param_slices(old_model, new_model, plan, arch):
         old_inner, old_p = old_main[id(s.old)]
@@ -166,7 +167,8 @@ def moments_identical(old_optimizer, old_model, new_optimizer, new_model, plan, 
 def main() -> None:
     from efficientllm import distributed
     from efficientllm.model import build_model_chunks
-    from efficientllm.pruning.surgery import mask_model, prune_model, slice_optimizer_state
+    from efficientllm.pruning.megatron.optimizer_state import slice_optimizer_state
+    from efficientllm.pruning.megatron.surgery import mask_model, prune_model
 
     out_dir = Path(sys.argv[1])
     tp, pp = int(sys.argv[2]), int(sys.argv[3])
@@ -180,16 +182,16 @@ def main() -> None:
         old = build_model_chunks(ARCH, opts)
         masked = build_model_chunks(ARCH, opts)  # the same seed: the same weights
         mask_model(masked, PLAN, ARCH)
-        pruned = prune_model(old, PLAN, ARCH, opts)
+        pruned = prune_model(old, PLAN, ARCH, opts).chunks
         masked_logits, pruned_logits = logits(masked, data), logits(pruned, data)
         torch.testing.assert_close(pruned_logits, masked_logits, rtol=1e-5, atol=1e-5)
 
         build = training(tp, pp, vp)
         model, optimizer = build(old)
         losses = [train_step(model, optimizer, data) for _ in range(2)]
-        new_chunks = prune_model(model, PLAN, ARCH, opts)
-        new_model, new_optimizer = build(new_chunks)
-        moved = slice_optimizer_state(optimizer, model, new_optimizer, new_model, PLAN, ARCH)
+        pruned_model = prune_model(model, PLAN, ARCH, opts)
+        new_model, new_optimizer = build(pruned_model.chunks)
+        moved = slice_optimizer_state(optimizer, new_optimizer, pruned_model)
         checked = moments_identical(optimizer, model, new_optimizer, new_model, PLAN, ARCH)
         assert moved == checked == sum(1 for c in new_model for _ in c.parameters()), (moved, checked)
         after = train_step(new_model, new_optimizer, data)

@@ -47,7 +47,8 @@ def main() -> None:
             "digests": digests,
             "num_parameters": trainer.arch.num_parameters(),
             "architecture": trainer.arch.to_dict(),
-            "plans": trainer.pruning.plans if trainer.pruning is not None else [],
+            # The pass, or its record after the rebuild that ends the pruning phase.
+            "plans": trainer.checkpointables["pruning"].plans if "pruning" in trainer.checkpointables else [],
         }
         Path(out_dir, f"rank{trainer.launch.rank}.json").write_text(json.dumps(record))
     finally:

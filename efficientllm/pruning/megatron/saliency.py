@@ -5,28 +5,25 @@ backward and no copy of the model.
 Per step, for every group g this rank holds a part of:
 
 - fisher: ½ Σ_{i∈g} g_i² w_i²  (optimal brain damage with the empirical Fisher diagonal)
-- taylor: Σ_{i∈g} g_i w_i       (first order; the score is its absolute value)
+- taylor: Σ_{i∈g} g_i w_i       (the signed first-order loss change of removing g)
 
 Both are computed per matrix with vectorised reductions of P = G ⊙ W (row / column sums of P
 and P², then gathered into group bins with the index views of `groups.py`) and folded into an
-exponential moving average (the first update initialises it). head, kv_group and ffn groups
-are rank-local, so their taylor score is the EMA of |Σ g w|. A hidden channel's sums are partial
-on every TP rank and PP stage; an absolute value can only be taken after they are added up,
-which would need a collective every step, so hidden taylor keeps the EMA of the *signed*
-partial sum and `sync.global_score_table` takes |·| of the global sum (|EMA Σ g w|).
+exponential moving average (the first update initialises it). The taylor score of every kind is
+the same quantity, |EMA Σ g w|: the signed sums are averaged and the absolute value is taken at
+decision time (`sync.global_score_table`), after a hidden channel's partial sums from every TP
+rank and PP stage are added up — taking |·| per step would need a collective every step.
 
 Layer score: EMA of the mean over tokens of 1 − cos(x_in, x_out) of each block (ShortGPT /
-Minitron), from forward hooks during training forwards only.
+Minitron), from forward hooks during training forwards only. Under `criterion: activation` only
+the layer score is accumulated here; the other kinds are scored from the window's activations
+(`hessian.py`).
 
-Call `update()` once per step, after the schedule ran (gradients reduced over DP) and before
-`optimizer.step()`. With the plain optimizer nothing here uses a collective; `sync.py` reduces
-at decision time. Under megatron's distributed optimizer with DP > 1 the gradients were
-reduce-scattered: each rank's `main_grad` holds the DP-averaged gradient only in the shard of
-each grad-buffer bucket it owns (the rest is its own un-reduced gradient, which the optimizer
-never reads). `update()` then first completes them in place: the non-owned shards are zeroed and
-the buckets all-reduced over the DP group (disjoint shards: exact), so every DP rank scores the
-same averaged gradient as under the plain optimizer and `sync.py` is unchanged. This costs one
-extra gradient-sized all-reduce per step while saliency is accumulated.
+A step is folded in two halves: `observe()` after the schedule ran (gradients reduced over DP)
+and before `optimizer.step()`, then `commit()` if the optimizer applied the step or `discard()`
+if it skipped it (found inf/nan), so a non-finite gradient never enters the averages. `update()`
+does both. Nothing here uses a collective: under megatron's distributed optimizer with DP > 1
+the caller first completes the reduce-scattered gradients (`sync.complete_reduce_scattered_grads`).
 """
 
 from __future__ import annotations
@@ -34,14 +31,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core import parallel_state
 
 from efficientllm.architecture import Architecture
 from efficientllm.config import SaliencyConfig
-from efficientllm.pruning.groups import LocalLayer, ShardGroups, shard_groups
 from efficientllm.pruning.layout import kept_hidden
+from efficientllm.pruning.megatron.groups import LocalLayer, ShardGroups, shard_groups
 from efficientllm.pruning.plan import Plan
 
 _STAT_DTYPE = torch.float64  # accumulators are tiny; fp64 keeps layouts within round-off
@@ -70,47 +65,18 @@ class SaliencyAccumulator:
 
     `stats[layer]` (global 0-based layer) holds, per local group in global order:
     head_fisher, head_taylor, kv_group_fisher, kv_group_taylor, ffn_fisher, ffn_taylor (taylor
-    already |·|) and `cos` (a 0-d tensor); `hidden_fisher` / `hidden_taylor` are [h] partial
-    sums (taylor signed)."""
+    signed) and `cos` (a 0-d tensor); `hidden_fisher` / `hidden_taylor` are [h] partial sums."""
 
     def __init__(self, model: list[torch.nn.Module], arch: Architecture, config: SaliencyConfig | None = None):
         self.config = config or SaliencyConfig(enabled=True)
         self.kinds = set(self.config.kinds)
         self.steps = 0
         self._hooks: list[Any] = []
-        self._check_gradients_are_complete(model)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (EMA, this step's value)
         self._bind(model, arch)
         self._reset_stats()
 
     # ----- setup -------------------------------------------------------------------------
-    def _check_gradients_are_complete(self, model) -> None:
-        """Note whether `main_grad` is only reduce-scattered (distributed optimizer, DP > 1)."""
-        chunks = model if isinstance(model, (list, tuple)) else [model]
-        ddp = getattr(chunks[0], "ddp_config", None)
-        self._complete_grads = bool(
-            ddp is not None
-            and ddp.use_distributed_optimizer
-            and parallel_state.get_data_parallel_world_size() > 1
-        )
-
-    def _gather_reduce_scattered_grads(self) -> None:
-        """Make every rank's grad buffers hold the full DP-averaged gradient (see the module
-        docstring): zero the shards other ranks own, then all-reduce each bucket over DP."""
-        from megatron.core.distributed.param_and_grad_buffer import shard_buffer
-
-        chunks = self.model if isinstance(self.model, (list, tuple)) else [self.model]
-        for chunk in chunks:
-            for buffer in list(chunk.buffers) + list(getattr(chunk, "expert_parallel_buffers", [])):
-                group = buffer.data_parallel_group
-                size, rank = dist.get_world_size(group), dist.get_rank(group)
-                if size == 1:
-                    continue
-                for bucket in buffer.buckets:
-                    for r, shard in enumerate(shard_buffer(bucket.grad_data, size)):
-                        if r != rank:
-                            shard.zero_()
-                    dist.all_reduce(bucket.grad_data, group=group)
-
     def _bind(self, model, arch: Architecture) -> None:
         self.model = model
         self.groups: ShardGroups = shard_groups(model, arch)
@@ -124,7 +90,7 @@ class SaliencyAccumulator:
                 )
 
     def _zeros(self, n: int) -> torch.Tensor:
-        return torch.zeros(n, dtype=_STAT_DTYPE)
+        return torch.zeros(n, dtype=_STAT_DTYPE, device=self.groups.layers[0].qkv.device)
 
     def _reset_stats(self) -> None:
         self.steps = 0
@@ -135,7 +101,7 @@ class SaliencyAccumulator:
                 "head_fisher": self._zeros(nh), "head_taylor": self._zeros(nh),
                 "kv_group_fisher": self._zeros(ng), "kv_group_taylor": self._zeros(ng),
                 "ffn_fisher": self._zeros(nf), "ffn_taylor": self._zeros(nf),
-                "cos": torch.zeros((), dtype=_STAT_DTYPE),
+                "cos": self._zeros(1)[0],
             }
         h = self.arch.hidden_size
         self.hidden_fisher = self._zeros(h)
@@ -163,18 +129,37 @@ class SaliencyAccumulator:
         self._hooks = []
 
     # ----- one step ----------------------------------------------------------------------
-    def _ema(self, stat: torch.Tensor, value: torch.Tensor) -> None:
-        beta = self.config.ema_beta if self.steps > 0 else 0.0
-        stat.mul_(beta).add_(value, alpha=1.0 - beta)
+    def _queue(self, stat: torch.Tensor, value: torch.Tensor) -> None:
+        """Queue this step's value of one statistic; `commit()` folds it in."""
+        self._pending.append((stat, value))
+
+    def update(self) -> None:
+        """`observe()` and `commit()`: for a step the optimizer is known to apply."""
+        self.observe()
+        self.commit()
 
     @torch.no_grad()
-    def update(self) -> None:
-        """Fold this step's gradients into the EMAs (after the DP reduction, before the
-        optimizer step)."""
-        if self._complete_grads:
-            self._gather_reduce_scattered_grads()
-        want_hidden = "hidden" in self.kinds
-        want_heads, want_ffn = "head" in self.kinds, "ffn" in self.kinds
+    def commit(self) -> None:
+        """Fold the observed step into the EMAs (the first step initialises them)."""
+        beta = self.config.ema_beta if self.steps > 0 else 0.0
+        for stat, value in self._pending:
+            stat.mul_(beta).add_(value, alpha=1.0 - beta)
+        self._pending = []
+        self.steps += 1
+
+    def discard(self) -> None:
+        """Forget the observed step (the optimizer skipped it: its gradients are not finite)."""
+        self._pending = []
+
+    @torch.no_grad()
+    def observe(self) -> None:
+        """Compute this step's per-group values from the DP-reduced gradients (before the
+        optimizer step changes the weights); nothing is folded in until `commit()`."""
+        self._pending = []
+        # Under the activation criterion the window's activations score the groups, not gradients.
+        kinds = set() if self.config.criterion == "activation" else self.kinds
+        want_hidden = "hidden" in kinds
+        want_heads, want_ffn = "head" in kinds, "ffn" in kinds
         hidden_f = self._zeros(self.arch.hidden_size) if want_hidden else None
         hidden_t = self._zeros(self.arch.hidden_size) if want_hidden else None
         for local in self.groups.layers:
@@ -188,14 +173,13 @@ class SaliencyAccumulator:
                     self._add_hidden(norm, hidden_f, hidden_t)
             if local.layer in self._cos_count:
                 count = self._cos_count.pop(local.layer)
-                self._ema(s["cos"], self._cos_sum.pop(local.layer) / count)
+                self._queue(s["cos"], self._cos_sum.pop(local.layer) / count)
         if want_hidden:
             for touch in self.groups.stem:
                 if not touch.replicated or self.groups.tp_rank == 0:
                     self._add_hidden(touch, hidden_f, hidden_t)
-            self._ema(self.hidden_fisher, hidden_f)
-            self._ema(self.hidden_taylor, hidden_t)
-        self.steps += 1
+            self._queue(self.hidden_fisher, hidden_f)
+            self._queue(self.hidden_taylor, hidden_t)
 
     def _attention(self, local: LocalLayer, s, hidden_f, hidden_t, want_heads: bool) -> None:
         qkv, proj = _products(local.qkv), _products(local.proj)
@@ -206,10 +190,10 @@ class SaliencyAccumulator:
             cols_f, cols_t = _sums(proj, 0)
             head_f = rows_f[local.head_qkv_rows].sum(1) + cols_f[local.head_proj_cols].sum(1)
             head_t = rows_t[local.head_qkv_rows].sum(1) + cols_t[local.head_proj_cols].sum(1)
-            self._ema(s["head_fisher"], 0.5 * head_f)
-            self._ema(s["head_taylor"], head_t.abs())
-            self._ema(s["kv_group_fisher"], 0.5 * rows_f[local.kv_qkv_rows].sum(1))
-            self._ema(s["kv_group_taylor"], rows_t[local.kv_qkv_rows].sum(1).abs())
+            self._queue(s["head_fisher"], 0.5 * head_f)
+            self._queue(s["head_taylor"], head_t)
+            self._queue(s["kv_group_fisher"], 0.5 * rows_f[local.kv_qkv_rows].sum(1))
+            self._queue(s["kv_group_taylor"], rows_t[local.kv_qkv_rows].sum(1))
         if hidden_f is not None:
             for p, dim in ((qkv, 0), (proj, 1)):
                 f, t = _sums(p, dim)
@@ -223,8 +207,8 @@ class SaliencyAccumulator:
         if want_ffn:
             rows_f, rows_t = _sums(fc1, 1)
             cols_f, cols_t = _sums(fc2, 0)
-            self._ema(s["ffn_fisher"], 0.5 * (rows_f[local.ffn_fc1_rows].sum(1) + cols_f[local.ffn_fc2_cols]))
-            self._ema(s["ffn_taylor"], (rows_t[local.ffn_fc1_rows].sum(1) + cols_t[local.ffn_fc2_cols]).abs())
+            self._queue(s["ffn_fisher"], 0.5 * (rows_f[local.ffn_fc1_rows].sum(1) + cols_f[local.ffn_fc2_cols]))
+            self._queue(s["ffn_taylor"], rows_t[local.ffn_fc1_rows].sum(1) + cols_t[local.ffn_fc2_cols])
         if hidden_f is not None:
             for p, dim in ((fc1, 0), (fc2, 1)):
                 f, t = _sums(p, dim)
@@ -292,10 +276,10 @@ class SaliencyAccumulator:
             }
             new_l = l - sum(1 for r in removed_layers if r < l)
             kept[new_l] = {
-                k: (v if k == "cos" else v[torch.tensor(keep[k.rsplit("_", 1)[0]], dtype=torch.long)])
+                k: (v if k == "cos" else v[torch.tensor(keep[k.rsplit("_", 1)[0]], dtype=torch.long, device=v.device)])
                 for k, v in s.items()
             }
-        hidden = kept_hidden(old_arch, plan.hidden)
+        hidden = kept_hidden(old_arch, plan.hidden).to(self.hidden_fisher.device)
         hidden_f, hidden_t, steps = self.hidden_fisher[hidden], self.hidden_taylor[hidden], self.steps
         self.remove()
         self._bind(model, new_arch)

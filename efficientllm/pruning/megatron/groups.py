@@ -14,7 +14,8 @@ channel. What a rank holds of it is described here with the LayerLayout index ar
   over TP, so they are counted on TP rank 0 only (`replicated=True`).
 - layer: a whole block (the module itself).
 
-No process groups are used: the TP rank/size are read from megatron's parallel_state once.
+No collectives: the TP rank/size are read from megatron's parallel_state once. Index views are
+made on the device of the weights they index.
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ from dataclasses import dataclass, field
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.utils import unwrap_model
 
 from efficientllm.architecture import Architecture
 from efficientllm.pruning.layout import GroupSizes, LayerLayout
 
 GROUP_KINDS = ("head", "kv_group", "ffn", "hidden", "layer")
+# A module's key in the window statistics and surgery: (global layer, or None outside the
+# decoder, and its short name: "linear_fc2", "input_layernorm", "output_layer", ...).
+ModuleKey = tuple[int | None, str]
 
 
 @dataclass(frozen=True)
@@ -73,13 +78,14 @@ class LocalLayer:
     ffn_fc2_cols: torch.Tensor = field(init=False)  # [ffn_local]
 
     def __post_init__(self) -> None:
-        lay = self.layout
-        heads, groups, ffn = self.global_heads, self.global_kv_groups, self.global_ffn
-        self.head_qkv_rows = torch.stack([lay.qkv_query_rows(k) for k in heads])
-        self.head_proj_cols = torch.stack([lay.proj_columns(k) for k in heads])
-        self.kv_qkv_rows = torch.stack([lay.qkv_key_value_rows(g) for g in groups])
-        self.ffn_fc1_rows = torch.stack([lay.fc1_rows(c) for c in ffn])
-        self.ffn_fc2_cols = torch.tensor([lay.fc2_column(c) for c in ffn], dtype=torch.long)
+        lay, device = self.layout, self.qkv.device
+        heads, groups = self.global_heads, self.global_kv_groups
+        self.head_qkv_rows = torch.stack([lay.qkv_query_rows(k) for k in heads]).to(device)
+        self.head_proj_cols = torch.stack([lay.proj_columns(k) for k in heads]).to(device)
+        self.kv_qkv_rows = torch.stack([lay.qkv_key_value_rows(g) for g in groups]).to(device)
+        # All of a rank's channels at once (one per channel would cost a call each, every event).
+        self.ffn_fc1_rows = lay.kept_fc1_rows(self.tp_rank, ()).view(2, -1).T.contiguous().to(device)
+        self.ffn_fc2_cols = lay.kept_fc2_columns(self.tp_rank, ()).to(device)
         d, w = lay.head_dim, lay.widths
         expected = {
             "linear_qkv": (lay.groups_per_rank * lay.qkv_rows_per_group, None),
@@ -150,11 +156,9 @@ class ShardGroups:
         raise ValueError(f"unknown group kind {kind!r}; known: {list(GROUP_KINDS)}")
 
 
-def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside a megatron DDP wrapper (or the model itself)."""
-    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
-        chunk = chunk.module
-    return chunk
+def as_chunks(model: list[torch.nn.Module] | torch.nn.Module) -> list[torch.nn.Module]:
+    """The GPTModel chunks of a model given as one chunk or a list, DDP-wrapped or not."""
+    return unwrap_model(list(model) if isinstance(model, (list, tuple)) else [model])
 
 
 def _norm(name: str, module: torch.nn.Module) -> HiddenTouch:
@@ -163,15 +167,12 @@ def _norm(name: str, module: torch.nn.Module) -> HiddenTouch:
 
 def shard_groups(model: list[torch.nn.Module] | torch.nn.Module, arch: Architecture) -> ShardGroups:
     """Describe the groups of the model chunks on this rank (DDP-wrapped or not)."""
-    chunks = model if isinstance(model, (list, tuple)) else [model]
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     layers: list[LocalLayer] = []
     stem: list[HiddenTouch] = []
-    gpts = []
-    for chunk in chunks:
-        gpt = unwrap(chunk)
-        gpts.append(gpt)
+    gpts = as_chunks(model)
+    for gpt in gpts:
         if getattr(gpt, "pre_process", False):
             stem.append(HiddenTouch("embedding", gpt.embedding.word_embeddings.weight, 0, False))
         for block in gpt.decoder.layers:
