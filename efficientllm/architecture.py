@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from efficientllm.config import Config
 
 
 class ArchitectureError(ValueError):
@@ -195,3 +198,31 @@ class Architecture:
             f"total {self.num_parameters():,} parameters"
         )
         return "\n".join(rows)
+
+
+def architecture_from_config(config: "Config", vocab_size: int) -> Architecture:
+    """The model's shapes from the config; vocab padded like Megatron-LM (to a multiple of
+    make_vocab_size_divisible_by x TP) unless set explicitly."""
+    m = config.model
+    if m.vocab_size is None:
+        multiple = m.make_vocab_size_divisible_by * config.parallel.tensor_model_parallel_size
+        vocab_size = -(-vocab_size // multiple) * multiple
+    else:
+        vocab_size = m.vocab_size
+    layers = m.layers or [
+        {
+            "num_attention_heads": m.num_attention_heads,
+            "num_query_groups": m.num_query_groups,
+            "ffn_hidden_size": m.ffn_hidden_size,
+        }
+    ] * m.num_layers
+    head_dim = m.head_dim or m.hidden_size // layers[0]["num_attention_heads"]
+    return Architecture.from_dict(
+        {
+            "hidden_size": m.hidden_size,
+            "vocab_size": vocab_size,
+            "head_dim": head_dim,
+            "tie_embeddings": not m.untie_embeddings_and_output_weights,
+            "layers": layers,
+        }
+    )

@@ -6,12 +6,14 @@ inconsistent SLURM allocation or a layout that does not divide the world stops w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -131,11 +133,44 @@ def initialize(
     set_seed(seed)
 
 
+def device() -> torch.device:
+    """This rank's training device: its GPU (NCCL), else the CPU (gloo). Everything that
+    computes or goes through a collective lives here."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")  # cpu-ok: the gloo backend's device, chosen only here
+
+
 def set_seed(seed: int) -> None:
     # The CPU generator draws the initial weights (use_cpu_initialization) identically on every
     # rank; megatron's tracker derives the per-TP-rank streams from the same seed.
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+@contextlib.contextmanager
+def process_groups(launch: LaunchEnv, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
+                   virtual_pipeline_model_parallel_size: int | None = None, seed: int = 1234) -> Iterator[None]:
+    """The process groups for the duration of a command, seeded: formed here and shut down
+    after, or, in a process that already has them (a caller that formed its own), reused at
+    the same layout and left for their owner."""
+    if not parallel_state.model_parallel_is_initialized():
+        initialize(launch, tensor_model_parallel_size, pipeline_model_parallel_size,
+                   virtual_pipeline_model_parallel_size, seed)
+        try:
+            yield
+        finally:
+            shutdown()
+        return
+    sizes = (parallel_state.get_tensor_model_parallel_world_size(),
+             parallel_state.get_pipeline_model_parallel_world_size(),
+             parallel_state.get_virtual_pipeline_model_parallel_world_size())
+    wanted = (tensor_model_parallel_size, pipeline_model_parallel_size, virtual_pipeline_model_parallel_size)
+    if sizes != wanted:
+        raise LaunchError(f"this process already runs at TP{sizes[0]} PP{sizes[1]} VPP{sizes[2]}, not at "
+                          f"TP{wanted[0]} PP{wanted[1]} VPP{wanted[2]}")
+    set_seed(seed)
+    yield
 
 
 def shutdown() -> None:

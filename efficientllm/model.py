@@ -12,16 +12,32 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.heterogeneous.heterogeneous_layer_specs import (
-    get_gpt_heterogeneous_layer_spec,
-)
+from megatron.core.models.gpt.heterogeneous.heterogeneous_layer_specs import get_gpt_heterogeneous_layer_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
+from efficientllm import distributed
 from efficientllm.architecture import Architecture
+from efficientllm.config import Config, ConfigError
 from megatron_patches.heterogeneous import PerLayerHeadsTransformerConfig
 from megatron_patches.norm import SequenceParallelTorchNorm
+
+
+class TransformerEngineUnavailable(ConfigError):
+    """`transformer_engine` was asked for on a machine where it cannot be imported."""
+
+
+def require_transformer_engine(field: str) -> None:
+    """Refuse, in one line naming the config field, when Transformer Engine cannot be used."""
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions import transformer_engine as _megatron_te  # noqa: F401
+    except (ImportError, OSError) as err:  # OSError: TE installed, its CUDA libraries not
+        raise TransformerEngineUnavailable(
+            f"{field}=transformer_engine needs Transformer Engine, which cannot be imported here "
+            f"({type(err).__name__}: {err}); use the GPU image (Dockerfile) or set {field}=local"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -39,9 +55,52 @@ class ModelOptions:
     init_seed: int = 1234
     rotary_base: int = 10000
     norm_epsilon: float = 1e-5
+    rope_scaling_factor: float | None = None  # Llama 3.x RoPE scaling (megatron's), off when None
 
 
-def transformer_config(arch: Architecture, options: ModelOptions) -> PerLayerHeadsTransformerConfig:
+TRANSFORMER_ENGINE = "transformer_engine"
+
+
+# Which spec builds the model at a step: with `model.transformer_impl_after_pruning` the trainer
+# rebuilds the pruned model once the pruning phase ends (training/after_pruning.py).
+def rebuilds_after_pruning(config: Config) -> bool:
+    return config.prune.enabled and config.model.transformer_impl_after_pruning is not None
+
+
+def rebuilt_after_pruning(config: Config, iteration: int) -> bool:
+    """Whether a model at `iteration` (steps completed) is the rebuilt one: no event happens
+    after `prune.end_step`."""
+    return rebuilds_after_pruning(config) and iteration >= config.prune.end_step
+
+
+def uses_transformer_engine(config: Config, iteration: int) -> bool:
+    """Whether the model at `iteration` is built with the TE spec."""
+    m = config.model
+    impl = m.transformer_impl_after_pruning if rebuilt_after_pruning(config, iteration) else m.transformer_impl
+    return impl == TRANSFORMER_ENGINE
+
+
+def model_options(config: Config, iteration: int = 0) -> ModelOptions:
+    """How the model is built at `iteration` (the spec may change after pruning)."""
+    p = config.parallel
+    return ModelOptions(
+        seq_length=config.data.seq_length,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        bf16=config.training.bf16,
+        transformer_engine=uses_transformer_engine(config, iteration),
+        init_method_std=config.model.init_method_std,
+        init_seed=config.training.seed,
+        rotary_base=config.model.rotary_base,
+        norm_epsilon=config.model.norm_epsilon,
+        rope_scaling_factor=config.model.rope_scaling_factor if config.model.use_rope_scaling else None,
+    )
+
+
+def transformer_config(arch: Architecture, options: ModelOptions,
+                       initialize: bool = True) -> PerLayerHeadsTransformerConfig:
     first = arch.layers[0]
     dtype = torch.bfloat16 if options.bf16 else torch.float32
     return PerLayerHeadsTransformerConfig(
@@ -69,9 +128,11 @@ def transformer_config(arch: Architecture, options: ModelOptions) -> PerLayerHea
         params_dtype=dtype,
         pipeline_dtype=dtype,
         # Initialise full weights on the CPU generator, then split: the same seed gives the
-        # same model at every TP/PP layout.
+        # same model at every TP/PP layout. A model whose values are copied in right after
+        # (a pruning event's) draws nothing; it is still laid out on the CPU first, so that its
+        # non-parameter state (RoPE frequencies) is computed exactly as in a fresh model.
         use_cpu_initialization=True,
-        perform_initialization=True,
+        perform_initialization=initialize,
         # Fused kernels need apex/TE; megatron falls back to plain torch when these are off.
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
@@ -121,10 +182,15 @@ def _use_sequence_parallel_norms(block_spec) -> None:
                 setattr(spec.submodules, name, SequenceParallelTorchNorm)
 
 
-def build_model_chunks(arch: Architecture, options: ModelOptions) -> list[GPTModel]:
-    """The GPTModel chunks this rank holds: one, or one per virtual pipeline stage."""
+def build_model_chunks(arch: Architecture, options: ModelOptions, initialize: bool = True) -> list[GPTModel]:
+    """The GPTModel chunks this rank holds (one, or one per virtual pipeline stage), on this
+    rank's device; under bf16 every parameter is bf16 (the optimizer keeps fp32 main params).
+    `initialize=False` leaves the weights unset (torch.empty) and without megatron's
+    tensor-parallel attributes, which its init sets: the caller copies both in."""
     arch.validate(options.tensor_model_parallel_size)
-    config = transformer_config(arch, options)
+    if options.transformer_engine:
+        require_transformer_engine("model.transformer_impl")
+    config = transformer_config(arch, options, initialize)
     vp_size = options.virtual_pipeline_model_parallel_size
     stages = [None] if vp_size is None else list(range(vp_size))
     SeededTransformerLayer.init_seed = options.init_seed
@@ -143,7 +209,15 @@ def build_model_chunks(arch: Architecture, options: ModelOptions) -> list[GPTMod
                 share_embeddings_and_output_weights=arch.tie_embeddings,
                 position_embedding_type="rope",
                 rotary_base=options.rotary_base,
+                rope_scaling=options.rope_scaling_factor is not None,
+                rope_scaling_factor=options.rope_scaling_factor or 8.0,
                 vp_stage=vp_stage,
             )
         )
-    return chunks
+    # Drawn on the CPU generator above, then moved. bf16 casts the norms too, as megatron's
+    # Float16Module does (its fp32 norms would break the fp16 optimizer's param groups); its
+    # forward-time casts are not needed here: token ids go in and the loss comes out in fp32.
+    dtype = torch.bfloat16 if options.bf16 else None
+    if not initialize:  # nothing was drawn: allocate on the device rather than copy garbage there
+        chunks = [chunk.to_empty(device=distributed.device()) for chunk in chunks]
+    return [chunk.to(device=distributed.device(), dtype=dtype) for chunk in chunks]
