@@ -1,14 +1,21 @@
-"""A sentencepiece BPE tokenizer for source code, usable as megatron-core's dataset tokenizer.
+"""Tokenizers: our sentencepiece BPE for source code, and any Hugging Face tokenizer (tokenizer.json).
 
-Code is not prose: indentation and newlines are syntax, and every byte must survive the round
-trip, so the trainer runs with identity normalisation, no whitespace collapsing, no dummy prefix,
-byte fallback (no `<unk>`), and newline as its own piece.
+Both are megatron-core dataset tokenizers with one interface: `tokenize(text)` (no special tokens
+added), `tokenize_batch`, `detokenize`, `vocab_size`, `eod` (written after every training
+document), `pad`, `prefix_id` (the token that conditions a document's first token in evaluation)
+and `save(directory)`, which writes files that both `load_tokenizer` and
+`transformers.AutoTokenizer` read, so a checkpoint or an export carries its own tokenizer.
+
+Our sentencepiece model is trained for code: indentation and newlines are syntax and every byte
+must survive the round trip, so it runs with identity normalisation, no whitespace collapsing, no
+dummy prefix, byte fallback (no `<unk>`), and newline as its own piece.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -21,6 +28,14 @@ from efficientllm.data import DataError
 # sentencepiece's fixed ids are unk=0, bos=1, eos=2; give pad its own id so megatron's dataset
 # does not find it colliding with EOD (it would then silently stop masking pad).
 PAD_ID = 3
+# megatron-core's "no pad token" id (datasets/megatron_dataset.py): never a token of the data.
+NO_PAD = -1
+SPM_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
+# Written by `save` beside a sentencepiece model, so loading the directory again gives the
+# sentencepiece model itself rather than its Hugging Face conversion.
+MARKER_FILE = "efficientllm_tokenizer.json"
+MARKER_FORMAT = "efficientllm-tokenizer/1"
 _CHUNK_CHARS = 2000  # training "sentences" are runs of whole lines up to about this size
 
 _TRAINER_OPTIONS: dict[str, Any] = {
@@ -40,18 +55,64 @@ _TRAINER_OPTIONS: dict[str, Any] = {
 
 
 class Tokenizer(MegatronTokenizerBase):
-    """A loaded sentencepiece model with the attributes megatron's GPTDataset reads.
+    """What datasets, preprocessing, evaluation and export read from a tokenizer.
 
-    GPTDataset uses `eod` (loss mask / resets), `pad` (padding), `vocab_size` (token dtype), and
-    `unique_identifiers` (part of its index-cache key; the model's hash, so a retrained tokenizer
-    never reuses stale indices).
+    megatron's GPTDataset uses `eod` (document ends), `pad` (padding), `vocab_size` (token dtype)
+    and `unique_identifiers` (part of its index-cache key: a hash of the tokenizer's files, so a
+    changed tokenizer never reuses stale indices).
     """
 
+    def __init__(self, path: str, files_sha256: str) -> None:
+        super().__init__(path, {})
+        self._unique_identifiers = {"class": type(self).__name__, "files_sha256": files_sha256}
+
+    @property
+    def unique_identifiers(self) -> dict[str, str]:
+        return dict(self._unique_identifiers)
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def eod(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def pad(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def prefix_id(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenize_batch([text])[0]
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the tokenizer's files into `directory` (created); returns it."""
+        raise NotImplementedError
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("pretraining tokenizers are used without a chat template")
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A loaded sentencepiece model."""
+
     def __init__(self, processor: spm.SentencePieceProcessor, model_path: str) -> None:
-        super().__init__(model_path, {})
+        super().__init__(model_path, hashlib.sha256(processor.serialized_model_proto()).hexdigest())
         self._sp = processor
-        model_hash = hashlib.sha256(processor.serialized_model_proto()).hexdigest()
-        self._unique_identifiers = {"class": type(self).__name__, "model_sha256": model_hash}
 
     @property
     def vocab_size(self) -> int:
@@ -66,12 +127,13 @@ class Tokenizer(MegatronTokenizerBase):
         return self._sp.pad_id()
 
     @property
-    def vocab(self) -> dict[str, int]:
-        return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
+    def prefix_id(self) -> int:
+        # Our pretraining puts EOD between documents and never saw a BOS.
+        return self.eod
 
     @property
-    def unique_identifiers(self) -> dict[str, str]:
-        return dict(self._unique_identifiers)
+    def vocab(self) -> dict[str, int]:
+        return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)}
 
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -83,14 +145,94 @@ class Tokenizer(MegatronTokenizerBase):
     def detokenize(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
-    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("a base-model code tokenizer has no chat template")
+    def save(self, directory: str | os.PathLike) -> Path:
+        """The .model itself, plus its Hugging Face fast-tokenizer conversion (same ids), whose
+        BOS is our EOD and which adds no special tokens to a text: lm-eval then conditions a
+        document on the token our evaluation uses."""
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / SPM_FILE).write_bytes(self._sp.serialized_model_proto())
+        self.to_hf().save_pretrained(str(root))
+        (root / MARKER_FILE).write_text(json.dumps({"format": MARKER_FORMAT, "kind": "sentencepiece", "model": SPM_FILE}))
+        return root
+
+    def to_hf(self) -> Any:
+        """This model as a `transformers` fast tokenizer, converted by transformers' own
+        sentencepiece converter (which follows the model's normaliser and piece settings)."""
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+        proto = import_protobuf().ModelProto()
+        proto.ParseFromString(self._sp.serialized_model_proto())
+        vocab = {piece.piece: index for index, piece in enumerate(proto.pieces)}
+        piece = self._sp.id_to_piece
+        return PreTrainedTokenizerFast(
+            tokenizer_object=SpmConverter.build_tokenizer_from_spm_proto(proto, vocab),
+            bos_token=piece(self.eod),
+            eos_token=piece(self.eod),
+            unk_token=piece(self._sp.unk_id()),
+            pad_token=piece(self.pad) if self.pad >= 0 else None,
+            # sentencepiece reads "</s>" in a text as characters; so must the conversion
+            split_special_tokens=True,
+            clean_up_tokenization_spaces=False,  # code: decode must give back every space
+        )
 
 
-def load_tokenizer(model_path: str | os.PathLike) -> Tokenizer:
-    path = Path(model_path)
-    if not path.is_file():
-        raise DataError(f"tokenizer model {path} not found; give a sentencepiece .model file")
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer directory (tokenizer.json), read by `transformers.AutoTokenizer`,
+    so ids are exactly what transformers and lm-eval compute."""
+
+    def __init__(self, directory: Path) -> None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        except Exception as err:  # transformers raises many kinds; the cause fits on one line
+            raise DataError(f"tokenizer directory {directory} cannot be read by transformers: {err}".splitlines()[0]) from None
+        if tokenizer.eos_token_id is None:
+            raise DataError(f"tokenizer {directory} has no eos_token, needed as end-of-document")
+        files = sorted(p for p in directory.iterdir() if p.is_file() and p.name.startswith(("tokenizer", "special_tokens")))
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
+        super().__init__(str(directory), digest)
+        self._tok = tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    @property
+    def eod(self) -> int:
+        return self._tok.eos_token_id
+
+    @property
+    def pad(self) -> int:
+        pad = self._tok.pad_token_id
+        return NO_PAD if pad is None or pad == self.eod else pad
+
+    @property
+    def prefix_id(self) -> int:
+        # What lm-eval's HFLM conditions a context-free continuation on.
+        bos = self._tok.bos_token_id
+        return self.eod if bos is None else bos
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab()
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._tok(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        self._tok.save_pretrained(str(root))
+        return root
+
+
+def _load_sentencepiece(path: Path) -> SentencePieceTokenizer:
     processor = spm.SentencePieceProcessor()
     try:
         processor.load_from_serialized_proto(path.read_bytes())
@@ -98,7 +240,26 @@ def load_tokenizer(model_path: str | os.PathLike) -> Tokenizer:
         raise DataError(f"tokenizer model {path} is not a sentencepiece .model file") from None
     if processor.eos_id() < 0:
         raise DataError(f"tokenizer model {path} has no EOS piece, needed as end-of-document")
-    return Tokenizer(processor, str(path))
+    return SentencePieceTokenizer(processor, str(path))
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A sentencepiece `.model`, a Hugging Face tokenizer directory or a directory `save` wrote
+    (a checkpoint's stored tokenizer: `checkpoint.load_tokenizer_from`)."""
+    path = Path(path)
+    if path.is_file():
+        return _load_sentencepiece(path)
+    if not path.is_dir():
+        raise DataError(f"tokenizer {path} not found; give a sentencepiece .model file, a Hugging Face "
+                        f"tokenizer directory (tokenizer.json) or a checkpoint")
+    marker = path / MARKER_FILE
+    if marker.is_file():
+        return _load_sentencepiece(path / json.loads(marker.read_text())["model"])
+    if (path / HF_FILE).is_file() or (path / "tokenizer_config.json").is_file():
+        return HFTokenizer(path)
+    if (path / SPM_FILE).is_file():
+        return _load_sentencepiece(path / SPM_FILE)
+    raise DataError(f"directory {path} holds no tokenizer: expected {HF_FILE}, {SPM_FILE} or a checkpoint")
 
 
 def _line_chunks(files: Sequence[Path]) -> Iterator[str]:
@@ -123,7 +284,7 @@ def train_tokenizer(
     vocab_size: int = 4096,
     max_sentences: int = 20_000,
     seed: int = 0,
-) -> Tokenizer:
+) -> SentencePieceTokenizer:
     """Train a BPE model on `files` and write it to `model_path` (atomically).
 
     `max_sentences` caps the chunks sentencepiece samples (reservoir sampling with `seed`), which
@@ -156,4 +317,4 @@ def train_tokenizer(
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_bytes(model.getvalue())
     os.replace(tmp, out)
-    return load_tokenizer(out)
+    return _load_sentencepiece(out)
