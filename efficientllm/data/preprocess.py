@@ -7,7 +7,6 @@ ending with the EOD token, token dtype chosen from the vocab size the way megatr
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -15,35 +14,25 @@ from typing import Any, Iterator, Sequence
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from efficientllm.data import DataError
+from efficientllm.data.jsonl import json_lines
 from efficientllm.data.tokenizer import Tokenizer
 
 JSON_SUFFIXES = (".jsonl", ".json")  # one JSON object per line; anything else is plain text
 _BATCH_CHARS = 1 << 20  # encode about 1 MB of text per sentencepiece call
 
 
-def _documents(path: Path, json_key: str) -> Iterator[str]:
-    try:
-        if path.suffix not in JSON_SUFFIXES:
+def read_documents(path: Path, json_key: str = "text") -> Iterator[str]:
+    """The documents of one input file: a plain-text file is one, a JSONL file one per line."""
+    if path.suffix not in JSON_SUFFIXES:
+        try:
             yield path.read_text(encoding="utf-8")
-            return
-        with open(path, encoding="utf-8") as stream:
-            for number, line in enumerate(stream, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(
-                        f"{path}:{number}: invalid JSON ({err.msg}); expected one object per line"
-                    ) from None
-                if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
-                    raise DataError(
-                        f"{path}:{number}: no string field {json_key!r}; set json_key to the "
-                        f"field that holds the text"
-                    )
-                yield record[json_key]
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        return
+    for where, record in json_lines(path):
+        if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
+            raise DataError(f"{where}: no string field {json_key!r}; set json_key to the field that holds the text")
+        yield record[json_key]
 
 
 def preprocess_files(
@@ -85,7 +74,7 @@ def preprocess_files(
         batch: list[str] = []
         batch_chars = 0
         for path in paths:
-            for text in _documents(path, json_key):
+            for text in read_documents(path, json_key):
                 if not text:
                     record["skipped_empty"] += 1
                     continue
