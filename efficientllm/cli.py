@@ -1,4 +1,4 @@
-"""The command line: `efficientllm train | preprocess | inspect`.
+"""The command line: `efficientllm train | preprocess | inspect | import | export | eval | report`.
 
 Every user error (config, data, checkpoint, launch environment) is printed as one line on
 stderr with exit code 2, before any process group is formed where that is possible. A training
@@ -34,9 +34,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _preprocess(args: argparse.Namespace) -> int:
     from efficientllm.data.preprocess import preprocess_files
-    from efficientllm.data.tokenizer import load_tokenizer
+    from efficientllm.training.checkpoint import load_tokenizer_from
 
-    tokenizer = load_tokenizer(args.tokenizer_model)
+    tokenizer = load_tokenizer_from(args.tokenizer)
     record = preprocess_files(args.input, tokenizer, args.output_prefix, json_key=args.json_key)
     print(record)
     return 0
@@ -46,6 +46,13 @@ def _inspect(args: argparse.Namespace) -> int:
     from efficientllm import inspect
 
     return inspect.main(args.checkpoint, args.json)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from efficientllm.reporting.report import write_report
+
+    print(f"report: {write_report(args.run_dir, args.compare, args.output)}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("preprocess", help="tokenize text/JSONL into megatron .bin/.idx")
     pre.add_argument("--input", nargs="+", required=True, help="text or .jsonl files")
-    pre.add_argument("--tokenizer-model", required=True, help="sentencepiece .model file")
+    pre.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer", required=True,
+                     help="a sentencepiece .model, a Hugging Face tokenizer directory or a checkpoint")
     pre.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     pre.add_argument("--json-key", default="text", help="JSONL field holding the text")
     pre.set_defaults(func=_preprocess)
@@ -69,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("checkpoint", help="a save directory (its latest checkpoint) or one iter_N directory")
     ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ins.set_defaults(func=_inspect)
+
+    from efficientllm.evaluation import commands as eval_commands
+    from efficientllm.interop import commands as interop_commands
+
+    eval_commands.add_parser(sub)
+    interop_commands.add_parsers(sub)
+
+    rep = sub.add_parser("report", help="a run's Markdown report with figures (loss, bits per byte, "
+                                        "parameters, pruning, widths, evals)")
+    rep.add_argument("run_dir", help="a run directory (with metrics.jsonl)")
+    rep.add_argument("--compare", nargs="+", default=[], metavar="RUN_DIR", help="runs overlaid on the same axes")
+    rep.add_argument("--output", help="report directory (default: RUN_DIR/report)")
+    rep.set_defaults(func=_report)
     return parser
 
 

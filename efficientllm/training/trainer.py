@@ -7,6 +7,7 @@ LR scheduler advances by one global batch; the loss is averaged over DP for the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,61 +21,22 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from efficientllm import distributed
-from efficientllm.architecture import Architecture
-from efficientllm.config import Config
+from efficientllm.architecture import Architecture, architecture_from_config
+from efficientllm.config import Config, check_output_dirs
 from efficientllm.data.prepare import PreparedData, prepare_data
-from efficientllm.model import ModelOptions, build_model_chunks
-from efficientllm.training import checkpoint
+from efficientllm.evaluation import in_training
+from efficientllm.evaluation.in_training import TrainingEvaluation
+from efficientllm.interop.hf_config import resolve_from_hf
+from efficientllm.interop.hf_import import load_hf_weights
+from efficientllm.model import build_model_chunks, model_options, rebuilt_after_pruning, require_transformer_engine
+from efficientllm.reporting.plots import plot_pruning, read_records
+from efficientllm.training import after_pruning, checkpoint
 from efficientllm.training.batches import micro_batches
 from efficientllm.training.metrics import MetricsLogger
 from efficientllm.training.optimizer import build_optimizer, wrap_ddp
-from efficientllm.training.pruning import PruningPass
-from efficientllm.reporting.plots import plot_pruning, read_records
+from efficientllm.training.pruning import PruningPass, describe_event, target_architecture
 from efficientllm.training.signals import EXIT_RESUMABLE, PreemptionHandler
-
-
-def architecture_from_config(config: Config, vocab_size: int) -> Architecture:
-    """The model's shapes from the config; vocab padded like Megatron-LM (to a multiple of
-    make_vocab_size_divisible_by x TP) unless set explicitly."""
-    m = config.model
-    if m.vocab_size is None:
-        multiple = m.make_vocab_size_divisible_by * config.parallel.tensor_model_parallel_size
-        vocab_size = -(-vocab_size // multiple) * multiple
-    else:
-        vocab_size = m.vocab_size
-    layers = m.layers or [
-        {
-            "num_attention_heads": m.num_attention_heads,
-            "num_query_groups": m.num_query_groups,
-            "ffn_hidden_size": m.ffn_hidden_size,
-        }
-    ] * m.num_layers
-    head_dim = m.head_dim or m.hidden_size // layers[0]["num_attention_heads"]
-    return Architecture.from_dict(
-        {
-            "hidden_size": m.hidden_size,
-            "vocab_size": vocab_size,
-            "head_dim": head_dim,
-            "tie_embeddings": not m.untie_embeddings_and_output_weights,
-            "layers": layers,
-        }
-    )
-
-
-def model_options(config: Config) -> ModelOptions:
-    p = config.parallel
-    return ModelOptions(
-        seq_length=config.data.seq_length,
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
-        sequence_parallel=p.sequence_parallel,
-        bf16=config.training.bf16,
-        transformer_engine=config.model.transformer_impl == "transformer_engine",
-        init_method_std=config.model.init_method_std,
-        init_seed=config.training.seed,
-        rotary_base=config.model.rotary_base,
-    )
+from efficientllm.training.start import describe_start, resolve_start, with_checkpoint_tokenizer
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -99,21 +61,24 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _describe_event(step: int, event: dict[str, Any]) -> str:
-    removed = ", ".join(f"{n} {k}" for k, n in event["removed"].items() if n)
-    return (f"[prune] step {step} params {event['params_before']:,} -> {event['params_after']:,} "
-            f"(budget {event['budget']:,}) removed {removed or 'nothing'} in {event['seconds']:.2f}s")
-
-
 class Trainer:
     def __init__(self, config: Config, launch: distributed.LaunchEnv | None = None):
-        self.config = config
+        # model.from_hf: the shapes and hyper-parameters come from the Hugging Face config
+        self.config = config = with_checkpoint_tokenizer(resolve_from_hf(config))
         self.launch = launch or distributed.read_launch_env()
         config.validate(self.launch.world_size)
+        if config.prune.target_architecture is not None:  # reachable? (the vocabulary does not matter)
+            target_architecture(config, architecture_from_config(config, vocab_size=1))
+        for field in ("transformer_impl", "transformer_impl_after_pruning"):
+            if getattr(config.model, field) == "transformer_engine":
+                require_transformer_engine(f"model.{field}")  # now, not after the pruning phase
+        check_output_dirs(config)
         self.run_dir = Path(config.run_dir)
         self.state = TrainState()
+        self.data: PreparedData | None = None  # set by setup()
         self.log: MetricsLogger | None = None
         self.pruning: PruningPass | None = None
+        self.training_eval: TrainingEvaluation | None = None  # training.eval_tasks / eval_text
         self.start_time = time.monotonic()
         # Extra state saved with every checkpoint: name -> object with state_dict() and
         # load_state_dict(), or sharded_state_dict() (see training/checkpoint.py). Register
@@ -123,6 +88,7 @@ class Trainer:
         self.pending_extra_state: dict[str, Any] = {}
         self.save_dir = Path(config.checkpoint.save or self.run_dir / "checkpoints")
         self.exit_code = 0  # EXIT_RESUMABLE when stopped early with a checkpoint written
+        self._process_groups = contextlib.ExitStack()  # formed by setup(), shut down by close()
 
     def register_checkpointable(self, name: str, obj: Any) -> None:
         self.checkpointables[name] = obj
@@ -133,33 +99,45 @@ class Trainer:
     def setup(self) -> None:
         c = self.config
         p = c.parallel
-        distributed.initialize(
+        self._process_groups.enter_context(distributed.process_groups(
             self.launch,
             p.tensor_model_parallel_size,
             p.pipeline_model_parallel_size,
             p.virtual_pipeline_model_parallel_size,
             c.training.seed,
-        )
+        ))
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.num_microbatches = c.training.global_batch_size // (c.training.micro_batch_size * self.dp_size)
         self.data: PreparedData = prepare_data(c, self.run_dir)
+        self.training_eval = in_training.from_config(c, self.data.tokenizer)  # reads its data now
         # A checkpoint's own Architecture (perhaps pruned) is built before its shards load.
-        resume = c.checkpoint.load and checkpoint.find_checkpoint(c.checkpoint.load, c.checkpoint.fallback_to_previous)
-        if resume:
-            arch = checkpoint.architecture_for_load(checkpoint.read_meta(resume), c, resume)
+        begin = resolve_start(c, self.save_dir)
+        meta = checkpoint.read_meta(begin.checkpoint) if begin.checkpoint else {}
+        if begin.checkpoint:
+            arch = checkpoint.architecture_for_load(meta, c, begin.checkpoint)
         else:
             arch = architecture_from_config(c, self.data.tokenizer.vocab_size)
+        iteration = meta["iteration"] if begin.resumes else 0
         self.data.check_vocab(arch.vocab_size)
-        self.build_model(arch)
+        self.build_model(arch, iteration)
+        if begin.weights_only:  # finetune: the weights alone; optimizer and schedule start fresh
+            checkpoint.start_from_weights(self, begin.checkpoint)
+        elif c.model.from_hf and not begin.checkpoint:  # each rank reads only its slices of the HF weights
+            load_hf_weights([chunk.module for chunk in self.model], c.model.from_hf, arch)
+            self.optimizer.reload_model_params()  # fp32 main params (bf16) follow the new weights
         if c.prune.enabled:
             # The schedule is measured from the configured source model, also when resuming a
             # checkpoint that is already pruned.
             source = architecture_from_config(c, self.data.tokenizer.vocab_size)
-            self.pruning = PruningPass(self, source)
-            self.register_checkpointable("pruning", self.pruning)
-        if resume:
-            checkpoint.load(self, resume)
+            if rebuilt_after_pruning(c, iteration):  # resumed after the pruning phase
+                self.register_checkpointable(
+                    "pruning", after_pruning.FinishedPruning(source, meta["extra"].get("pruning")))
+            else:
+                self.pruning = PruningPass(self, source)
+                self.register_checkpointable("pruning", self.pruning)
+        if begin.resumes:
+            checkpoint.load(self, begin.checkpoint)
         self.log = MetricsLogger(
             self.run_dir,
             c.training.train_iters,
@@ -167,14 +145,37 @@ class Trainer:
             enabled=distributed.is_logging_rank(),
             tensorboard=c.training.tensorboard,
         )
-        if resume:
-            self.log.print(f"resumed from {resume} at iteration {self.state.iteration}")
-        elif c.checkpoint.load:
-            self.log.print(f"no checkpoint in {c.checkpoint.load}: starting from scratch")
+        said = describe_start(begin, c, self.state.iteration)
+        if said:
+            self.log.print(said)
+        self._record_placement()
 
-    def build_model(self, arch: Architecture) -> None:
-        self.options = model_options(self.config)
+    def _record_placement(self) -> None:
+        """Where and how the model computes: device, backend, parameter dtype, layer spec."""
+        self.log.record("run", self.state.iteration, {
+            "device": str(distributed.device()), "backend": dist.get_backend(),
+            "params_dtype": str(next(self.model[0].parameters()).dtype).removeprefix("torch."),
+            "transformer_impl": "transformer_engine" if self.options.transformer_engine else "local",
+        })
+
+    def build_model(self, arch: Architecture, iteration: int = 0) -> None:
+        self.options = model_options(self.config, iteration)
         self.install_model(arch, build_model_chunks(arch, self.options))
+
+    def rebuild_after_pruning(self, ckpt: Path) -> None:
+        """After the last pruning event: rebuild the model with the spec for the continued
+        pretraining, `model.transformer_impl_after_pruning`, and load checkpoint `ckpt` (just
+        written) into it: weights, optimizer state, LR schedule, RNG."""
+        assert self.pruning is not None
+        record = after_pruning.FinishedPruning(self.pruning.source, self.pruning.summary(), self.pruning.plans)
+        self.register_checkpointable("pruning", record)
+        self.pruning = None  # the pass, its hooks and statistics go with the old model
+        self.model = self.optimizer = None  # the checkpoint holds it all: free the old first
+        self.build_model(self.arch, self.state.iteration)
+        checkpoint.load(self, ckpt)
+        self.log.print(f"pruning finished at iteration {self.state.iteration}: training on with "
+                       f"{self.config.model.transformer_impl_after_pruning} layers, loaded from {ckpt}")
+        self._record_placement()
 
     def install_model(self, arch: Architecture, chunks: list) -> None:
         """Train `chunks` (built for `arch`): fresh DDP buffers and optimizer; the LR schedule
@@ -189,7 +190,8 @@ class Trainer:
 
     def _iterators(self, dataset, consumed: int) -> list[Iterator] | Iterator:
         """One iterator per model chunk (virtual pipeline stages each read the same batches)."""
-        make = lambda: micro_batches(dataset, consumed, self.config.training.micro_batch_size, self.dp_rank, self.dp_size)
+        make = lambda: micro_batches(dataset, consumed, self.config.training.micro_batch_size, self.dp_rank,
+                                     self.dp_size, distributed.device())
         return [make() for _ in self.model] if len(self.model) > 1 else make()
 
     # ----- one step ----------------------------------------------------------------------
@@ -212,7 +214,8 @@ class Trainer:
     def _mean_over_replicas(self, value: float | None) -> float:
         """Average a last-stage value over DP; every rank gets it (one tiny all-reduce)."""
         counted = value is not None and parallel_state.get_tensor_model_parallel_rank() == 0
-        t = torch.tensor([value if counted else 0.0, 1.0 if counted else 0.0], dtype=torch.float64)
+        t = torch.tensor([value if counted else 0.0, 1.0 if counted else 0.0], dtype=torch.float64,
+                         device=distributed.device())
         dist.all_reduce(t)
         return (t[0] / t[1]).item()
 
@@ -224,6 +227,8 @@ class Trainer:
         if self.pruning is not None:
             self.pruning.after_backward(self.state.iteration + 1)
         update_successful, grad_norm, _ = self.optimizer.step()
+        if self.pruning is not None:  # a skipped step (non-finite gradients) is not scored
+            self.pruning.after_optimizer_step(self.state.iteration + 1, update_successful)
         if update_successful:
             self.scheduler.step(increment=self.config.training.global_batch_size)
         self.state.iteration += 1
@@ -266,7 +271,7 @@ class Trainer:
             if event is not None:
                 event["tokens"] = self.state.consumed_samples * self.config.data.seq_length
                 self.log.record("prune", step, event, echo=False)
-                self.log.print(_describe_event(step, event))
+                self.log.print(describe_event(step, event))
             if step % c.log_interval == 0 or step == c.train_iters:
                 elapsed = time.perf_counter() - window_start
                 metrics.update(
@@ -280,13 +285,21 @@ class Trainer:
                 self.log.record("train", step, metrics, echo=False)
             if c.eval_interval and (step % c.eval_interval == 0 or step == c.train_iters):
                 self.log.record("valid", step, self.evaluate())
+                if self.training_eval is not None:
+                    scores = self.training_eval(self.model)
+                    self.log.record("eval", step, {"tokens": self.state.consumed_samples * self.config.data.seq_length,
+                                                   **scores}, echo=False)
+                    self.log.print(in_training.describe(step, scores))
             stop = self._stop_reason(step, preemption) if step < c.train_iters else None
+            saved = None
             if stop or step == c.train_iters or (save_interval and step % save_interval == 0):
-                self.save_checkpoint()
+                saved = self.save_checkpoint()
             if stop:
                 self.log.print(f"stopping at iteration {step} ({stop}); resume with checkpoint.load={self.save_dir}")
                 self.exit_code = EXIT_RESUMABLE
                 break
+            if after_pruning.rebuild_due(self.config, step):
+                self.rebuild_after_pruning(saved or self.save_checkpoint())
         preemption.uninstall()
         return self.state
 
@@ -297,6 +310,7 @@ class Trainer:
         flags = torch.tensor(
             [preemption.requested, c.exit_duration_in_mins is not None and elapsed_mins > c.exit_duration_in_mins],
             dtype=torch.int32,
+            device=distributed.device(),
         )
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[0]:
@@ -307,10 +321,11 @@ class Trainer:
             return f"exit_interval={c.exit_interval}"
         return None
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> Path:
         start = time.perf_counter()
         path = checkpoint.save(self, self.save_dir)
         self.log.print(f"saved checkpoint {path} in {time.perf_counter() - start:.2f}s")
+        return path
 
     def finish(self) -> None:
         """Write the run's results (architecture table and JSON, the pruning figure) and say
@@ -322,10 +337,11 @@ class Trainer:
         (run / "architecture.json").write_text(self.arch.to_json())
         (run / "architecture.txt").write_text(self.arch.table() + "\n")
         lines = [f"final architecture:\n{self.arch.table()}"]
-        if self.pruning is not None:
+        pruning = self.checkpointables.get("pruning")  # the pass, or its record once finished
+        if pruning is not None:
             events = read_records(run / "metrics.jsonl", "prune")
             if events:
-                figure = plot_pruning(events, self.pruning.source, self.arch, run / "pruning.png")
+                figure = plot_pruning(events, pruning.source, self.arch, run / "pruning.png")
                 lines.append(f"pruning figure: {figure}")
         valid = read_records(run / "metrics.jsonl", "valid")
         if valid:
@@ -340,4 +356,4 @@ class Trainer:
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
-        distributed.shutdown()
+        self._process_groups.close()
