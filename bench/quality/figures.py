@@ -1,0 +1,182 @@
+"""Figures and the summary of the quality experiment, from the runs under runs/quality/.
+
+Writes into docs/results/: quality.json (every arm's final figures, means and spreads over seeds,
+and the comparisons the issue's goals name), quality-<source>-bpb.png (held-out bits per byte vs
+tokens after the source, every arm on one axis), quality-<source>-widths.png (per-layer widths of
+A vs the uniform target) and quality-<source>-pruning.png (A's own pruning figure).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from efficientllm.architecture import Architecture  # noqa: E402
+
+ARM_STYLE = {  # colour per family, line style per variant
+    "source": ("black", ":"), "A": ("tab:blue", "-"), "A-no-obs": ("tab:cyan", "--"),
+    "A-taylor": ("tab:cyan", "-."), "A-per-group": ("tab:purple", "--"),
+    "A-kind-weights": ("tab:purple", "-."), "A-no-rms-correction": ("tab:cyan", ":"),
+    "B1": ("tab:orange", "-"), "B2": ("tab:red", "-"), "B3": ("tab:red", ":"),
+    "C1": ("tab:green", "-"), "C2": ("tab:olive", "-"),
+}
+
+
+def _records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("kind") == kind]
+
+
+def _final(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "eval" / "final.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    ppl = result["ppl"]["perplexity"]
+    out = {"bits_per_byte": ppl["bits_per_byte"], "token_perplexity": ppl["token_perplexity"],
+           "documents": ppl.get("documents"), "bytes": ppl.get("bytes"), "tokens": ppl.get("tokens")}
+    arch_file = run_dir / "architecture.json"
+    if arch_file.is_file():
+        out["params"] = Architecture.from_json(arch_file.read_text()).num_parameters()
+    trains = _records(run_dir, "train")
+    if trains:
+        out["train_tokens"] = trains[-1].get("tokens")
+        out["steps"] = trains[-1]["step"]
+    if "mc" in result:
+        out["tasks"] = {name: {k: r[k] for k in ("acc", "acc_norm", "items", "split") if k in r}
+                        for name, r in result["mc"].get("tasks", {}).items()}
+    return out
+
+
+def collect(root: Path) -> dict[str, Any]:
+    """{source: {seed: {arm: final figures}}} for every finished arm."""
+    out: dict[str, Any] = {}
+    for source_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for seed_dir in sorted(p for p in source_dir.iterdir() if p.is_dir() and p.name.startswith("seed")):
+            arms = {arm.name: f for arm in sorted(seed_dir.iterdir()) if arm.is_dir() and (f := _final(arm))}
+            if arms:
+                out.setdefault(source_dir.name, {})[seed_dir.name] = arms
+    return out
+
+
+def _mean_spread(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values),
+            "stdev": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    """Means and spreads over seeds, and A's held-out perplexity change against each arm
+    (negative = A is better), per seed and on average."""
+    summary: dict[str, Any] = {}
+    for source, seeds in results.items():
+        arms = sorted({arm for per_seed in seeds.values() for arm in per_seed})
+        s: dict[str, Any] = {"arms": {}, "A_vs": {}}
+        for arm in arms:
+            values = [per_seed[arm] for per_seed in seeds.values() if arm in per_seed]
+            s["arms"][arm] = {key: _mean_spread([v[key] for v in values])
+                              for key in ("bits_per_byte", "token_perplexity") if all(key in v for v in values)}
+        for other in arms:
+            if other == "A":
+                continue
+            changes = [per_seed["A"]["token_perplexity"] / per_seed[other]["token_perplexity"] - 1
+                       for per_seed in seeds.values() if "A" in per_seed and other in per_seed]
+            if changes:
+                s["A_vs"][other] = _mean_spread(changes)
+        summary[source] = s
+    return summary
+
+
+def plot_bpb(seed_dir: Path, out: Path, title: str) -> Path | None:
+    """Held-out bits per byte vs tokens after the source, every arm of one seed on one axis."""
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    drawn = 0
+    source_final = _final(seed_dir / "source")
+    for arm_dir in sorted(seed_dir.iterdir()):
+        if not arm_dir.is_dir() or arm_dir.name == "source":
+            continue
+        points = [(r["tokens"], r["text"]["bits_per_byte"]) for r in _records(arm_dir, "eval")
+                  if isinstance(r.get("text"), dict)]
+        final = _final(arm_dir)
+        if final and final.get("train_tokens"):
+            points.append((final["train_tokens"], final["bits_per_byte"]))
+        if not points:
+            continue
+        colour, style = ARM_STYLE.get(arm_dir.name, ("grey", "-"))
+        xs, ys = zip(*sorted(points))
+        ax.plot([x / 1e6 for x in xs], ys, style, color=colour, marker="o", markersize=3, label=arm_dir.name)
+        drawn += 1
+    if source_final:
+        ax.axhline(source_final["bits_per_byte"], color="black", linestyle=":", label="source (final)")
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("tokens after the source (millions)")
+    ax.set_ylabel("held-out bits per byte (lower is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(ncol=2, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_widths(found: Architecture, uniform: Architecture, out: Path, title: str) -> Path:
+    """Per-layer query heads and FFN channels: what A found vs the uniform target."""
+    layers = range(found.num_layers)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, field, label in ((axes[0], "num_attention_heads", "query heads"),
+                             (axes[1], "ffn_hidden_size", "FFN channels")):
+        width = 0.4
+        ax.bar([l - width / 2 for l in layers], [getattr(w, field) for w in found.layers], width,
+               label=f"A (found), hidden {found.hidden_size}", color="tab:blue")
+        ax.bar([l + width / 2 for l in layers], [getattr(w, field) for w in uniform.layers], width,
+               label=f"uniform target, hidden {uniform.hidden_size}", color="tab:red")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(label)
+        ax.set_xticks(list(layers))
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _uniform_target(seed_dir: Path) -> Architecture | None:
+    """The uniform target, from the B2 run (or a C run's pruned result)."""
+    for arm in ("B2", "C1", "C2"):
+        path = seed_dir / arm / "architecture.json"
+        if path.is_file():
+            return Architecture.from_json(path.read_text())
+    return None
+
+
+def main(root: Path, docs: Path) -> None:
+    docs.mkdir(parents=True, exist_ok=True)
+    results = collect(root)
+    record = {"results": results, "summary": summarise(results)}
+    (docs / "quality.json").write_text(json.dumps(record, indent=1))
+    for source, seeds in results.items():
+        seed_dir = root / source / sorted(seeds)[0]
+        plot_bpb(seed_dir, docs / f"quality-{source}-bpb.png",
+                 f"{source}: held-out bits per byte vs tokens ({seed_dir.name})")
+        found_file = seed_dir / "A" / "architecture.json"
+        uniform = _uniform_target(seed_dir)
+        if found_file.is_file() and uniform is not None:
+            plot_widths(Architecture.from_json(found_file.read_text()), uniform,
+                        docs / f"quality-{source}-widths.png", f"{source}: per-layer widths, A vs uniform target")
+        if (seed_dir / "A" / "pruning.png").is_file():
+            shutil.copy(seed_dir / "A" / "pruning.png", docs / f"quality-{source}-pruning.png")
+    print(json.dumps(record["summary"], indent=1))
