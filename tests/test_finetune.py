@@ -4,15 +4,20 @@ rank: which checkpoint a run starts from and how, and what a weights start loads
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
 from efficientllm.config import ConfigError, load_config
+from efficientllm.data.tokenizer import load_tokenizer
 from efficientllm.training import checkpoint
 from efficientllm.training.checkpoint import CheckpointError
 from efficientllm.training.start import resolve_start, with_checkpoint_tokenizer
+from tests.distributed.conftest import tiny_corpus  # noqa: F401  (the session's corpus fixture)
 from tests.test_checkpoint import _config, _step, _weights
+
+CODE = "def main(argv):\n    return 0\n"
 
 
 @pytest.fixture
@@ -86,8 +91,14 @@ def test_finetune_without_a_checkpoint_to_load_is_refused_at_load():
         load_config(None, ["checkpoint.finetune=true"])
 
 
-def test_a_finetune_reads_its_data_with_the_tokenizer_of_the_checkpoint_it_starts_from(source, tmp_path):
+def test_a_finetune_reads_its_data_with_the_tokenizer_of_the_checkpoint_it_starts_from(source, tiny_corpus,
+                                                                                        tmp_path):
     config = _finetune(source, tmp_path)
-    assert with_checkpoint_tokenizer(config).data.tokenizer_model == str(source.save_dir)
+    assert with_checkpoint_tokenizer(config) is config  # it stores none: the data section's own
+    tokenizer = load_tokenizer(tiny_corpus["tokenizer"])
+    tokenizer.save(checkpoint.find_checkpoint(source.save_dir) / checkpoint.TOKENIZER_DIR)  # as a run with data does
+    stored = with_checkpoint_tokenizer(config).data.tokenizer_model
+    assert Path(stored).is_relative_to(source.save_dir)
+    assert load_tokenizer(stored).tokenize(CODE) == tokenizer.tokenize(CODE)
     config.data.tokenizer_model = "mine.model"
     assert with_checkpoint_tokenizer(config).data.tokenizer_model == "mine.model"

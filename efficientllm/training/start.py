@@ -56,11 +56,16 @@ def resolve_start(config: Config, save_dir: Path) -> Start:
 
 
 def with_checkpoint_tokenizer(config: Config) -> Config:
-    """A finetune reads its data with the tokenizer of the checkpoint it starts from, unless
-    `data.tokenizer_model` names one (a copy; unchanged otherwise)."""
+    """A finetune reads its data with the tokenizer stored in the checkpoint it starts from,
+    unless `data.tokenizer_model` names one (a copy; unchanged otherwise, and when the
+    checkpoint stores none)."""
     if not config.checkpoint.finetune or config.data.tokenizer_model:
         return config
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer_model=config.checkpoint.load))
+    found = checkpoint.find_checkpoint(config.checkpoint.load)
+    if found is None or not (found / checkpoint.TOKENIZER_DIR).is_dir():
+        return config  # resolve_start names a missing checkpoint; one without a tokenizer keeps the data's
+    stored = str(found / checkpoint.TOKENIZER_DIR)
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer_model=stored))
 
 
 def describe_start(start: Start, config: Config, iteration: int) -> str | None:
