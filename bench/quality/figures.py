@@ -105,24 +105,28 @@ def plot_bpb(seed_dir: Path, out: Path, title: str) -> Path | None:
     for arm_dir in sorted(seed_dir.iterdir()):
         if not arm_dir.is_dir() or arm_dir.name == "source":
             continue
+        # The curve is the in-training eval on the first held-out files; the final figure (a
+        # star) is on all of them, so the two are different texts and are not joined.
         points = [(r["tokens"], r["text"]["bits_per_byte"]) for r in _records(arm_dir, "eval")
                   if isinstance(r.get("text"), dict)]
         final = _final(arm_dir)
-        if final and final.get("train_tokens"):
-            points.append((final["train_tokens"], final["bits_per_byte"]))
-        if not points:
+        if not points and not final:
             continue
         colour, style = ARM_STYLE.get(arm_dir.name, ("grey", "-"))
-        xs, ys = zip(*sorted(points))
-        ax.plot([x / 1e6 for x in xs], ys, style, color=colour, marker="o", markersize=3, label=arm_dir.name)
+        if points:
+            xs, ys = zip(*sorted(points))
+            ax.plot([x / 1e6 for x in xs], ys, style, color=colour, marker="o", markersize=3, label=arm_dir.name)
+        if final and final.get("train_tokens"):
+            ax.plot([final["train_tokens"] / 1e6], [final["bits_per_byte"]], "*", color=colour, markersize=11,
+                    label=None if points else arm_dir.name)
         drawn += 1
     if source_final:
-        ax.axhline(source_final["bits_per_byte"], color="black", linestyle=":", label="source (final)")
+        ax.axhline(source_final["bits_per_byte"], color="black", linestyle=":", label="source, all held-out files")
     if not drawn:
         plt.close(fig)
         return None
     ax.set_xlabel("tokens after the source (millions)")
-    ax.set_ylabel("held-out bits per byte (lower is better)")
+    ax.set_ylabel("held-out bits per byte (lower is better)\nlines: first held-out files; stars: all of them")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(ncol=2, fontsize=8)
