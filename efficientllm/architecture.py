@@ -226,3 +226,20 @@ def architecture_from_config(config: "Config", vocab_size: int) -> Architecture:
             "layers": layers,
         }
     )
+
+
+def model_shape_fields(arch: Architecture) -> dict[str, Any]:
+    """The run config's model-section shape fields that build exactly `arch` (the inverse of
+    `architecture_from_config`; per-layer widths only when the layers differ)."""
+    first = arch.layers[0]
+    return {
+        "hidden_size": arch.hidden_size,
+        "num_layers": arch.num_layers,
+        "num_attention_heads": first.num_attention_heads,
+        "num_query_groups": first.num_query_groups,
+        "ffn_hidden_size": first.ffn_hidden_size,
+        "head_dim": arch.head_dim,
+        "layers": None if arch.is_uniform else [dataclasses.asdict(l) for l in arch.layers],
+        "vocab_size": arch.vocab_size,
+        "untie_embeddings_and_output_weights": not arch.tie_embeddings,
+    }

@@ -20,7 +20,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from efficientllm.architecture import Architecture
+from efficientllm.architecture import Architecture, model_shape_fields
 from efficientllm.pruning.targets import as_target_spec
 
 # Arm name -> the switch it flips on top of A (ablations of pruning-aware pretraining).
@@ -88,7 +88,7 @@ class ArmFactory:
 
     def _from_scratch(self, arch: Architecture, steps: int) -> dict[str, Any]:
         config = self._common(steps, self.budget.scratch_lr)
-        config["model"] = {**config["model"], **model_section(arch)}
+        config["model"] = {**config["model"], **model_shape_fields(arch)}
         config["model"].pop("from_hf", None)
         config["model"].pop("from_hf_pad_to_tp", None)
         return config
@@ -114,20 +114,3 @@ class ArmFactory:
 
     def b3(self, source_steps: int) -> dict[str, Any]:
         return self._from_scratch(self.uniform, source_steps + self.budget.budget_steps)
-
-
-def model_section(arch: Architecture) -> dict[str, Any]:
-    """The model-config fields that build exactly `arch` (per-layer widths when not uniform)."""
-    first = arch.layers[0]
-    section: dict[str, Any] = {
-        "hidden_size": arch.hidden_size, "num_layers": arch.num_layers, "head_dim": arch.head_dim,
-        "num_attention_heads": first.num_attention_heads, "num_query_groups": first.num_query_groups,
-        "ffn_hidden_size": first.ffn_hidden_size, "vocab_size": arch.vocab_size,
-        "untie_embeddings_and_output_weights": not arch.tie_embeddings, "layers": None,
-    }
-    if not arch.is_uniform:
-        section["layers"] = [
-            {"num_attention_heads": l.num_attention_heads, "num_query_groups": l.num_query_groups,
-             "ffn_hidden_size": l.ffn_hidden_size} for l in arch.layers
-        ]
-    return section

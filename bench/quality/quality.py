@@ -30,8 +30,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.quality.arms import ABLATIONS, MAIN_ARMS, ArmFactory, Budget, model_section  # noqa: E402
-from efficientllm.architecture import Architecture  # noqa: E402
+from bench.quality.arms import ABLATIONS, MAIN_ARMS, ArmFactory, Budget  # noqa: E402
+from efficientllm.architecture import Architecture, model_shape_fields  # noqa: E402
 from efficientllm.data.corpus import english_docs_corpus  # noqa: E402
 from efficientllm.pruning.selection import Constraints  # noqa: E402
 from efficientllm.pruning.targets import propose_uniform  # noqa: E402
@@ -218,7 +218,7 @@ def smollm2(arms: list[str], limit: int) -> None:
     embeddings = source.vocab_size * source.hidden_size * (1 if source.tie_embeddings else 2)
     target = round(embeddings + SMOL_KEEP_NON_EMBEDDING * (source.num_parameters() - embeddings))
     factory = ArmFactory(
-        source_config={**SMOL_SOURCE, "model": model_section(source)},
+        source_config={**SMOL_SOURCE, "model": model_shape_fields(source)},
         start={"model": {"from_hf": str(hf)}},
         data={"data_path": [str(data_dir / "train")], "valid_data_path": [str(data_dir / "valid")],
               "tokenizer_model": str(hf)},

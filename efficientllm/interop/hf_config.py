@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from efficientllm.architecture import Architecture, ArchitectureError, LayerWidths
+from efficientllm.architecture import Architecture, ArchitectureError, LayerWidths, model_shape_fields
 from efficientllm.interop.errors import ModelImportError
 from efficientllm.interop.source import ModelHparams
 
@@ -161,18 +161,9 @@ def fit_to_parallel(arch: Architecture, tensor_parallel_size: int, pipeline_para
 
 def model_fields(arch: Architecture, hparams: ModelHparams, directory: str | Path) -> dict[str, Any]:
     """The run config's model section that builds `arch` with these hyper-parameters."""
-    first = arch.layers[0]
     rope = hparams.rope_scaling
     return {
-        "hidden_size": arch.hidden_size,
-        "num_layers": arch.num_layers,
-        "num_attention_heads": first.num_attention_heads,
-        "num_query_groups": first.num_query_groups,
-        "ffn_hidden_size": first.ffn_hidden_size,
-        "head_dim": arch.head_dim,
-        "layers": None if arch.is_uniform else [dataclasses.asdict(l) for l in arch.layers],
-        "vocab_size": arch.vocab_size,
-        "untie_embeddings_and_output_weights": not arch.tie_embeddings,
+        **model_shape_fields(arch),
         "rotary_base": int(hparams.rope_theta),
         "norm_epsilon": hparams.rms_norm_eps,
         "use_rope_scaling": rope is not None,

@@ -55,6 +55,13 @@ def _products(param: torch.nn.Parameter) -> torch.Tensor | None:
     return grad.float() * param.detach().float()
 
 
+def _fold_hidden(hidden_f: torch.Tensor, hidden_t: torch.Tensor, products: torch.Tensor, dim: int) -> None:
+    """Add one matrix's per-hidden-channel Fisher (half the summed squares) and Taylor sums."""
+    f, t = _sums(products, dim)
+    hidden_f.add_(f, alpha=0.5)
+    hidden_t.add_(t)
+
+
 def _sums(p: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ p², Σ p) reduced over `dim`, in the accumulators' dtype."""
     return (p * p).sum(dim, dtype=_STAT_DTYPE), p.sum(dim, dtype=_STAT_DTYPE)
@@ -196,9 +203,7 @@ class SaliencyAccumulator:
             self._queue(s["kv_group_taylor"], rows_t[local.kv_qkv_rows].sum(1))
         if hidden_f is not None:
             for p, dim in ((qkv, 0), (proj, 1)):
-                f, t = _sums(p, dim)
-                hidden_f.add_(f, alpha=0.5)
-                hidden_t.add_(t)
+                _fold_hidden(hidden_f, hidden_t, p, dim)
 
     def _mlp(self, local: LocalLayer, s, hidden_f, hidden_t, want_ffn: bool) -> None:
         fc1, fc2 = _products(local.fc1), _products(local.fc2)
@@ -211,9 +216,7 @@ class SaliencyAccumulator:
             self._queue(s["ffn_taylor"], rows_t[local.ffn_fc1_rows].sum(1) + cols_t[local.ffn_fc2_cols])
         if hidden_f is not None:
             for p, dim in ((fc1, 0), (fc2, 1)):
-                f, t = _sums(p, dim)
-                hidden_f.add_(f, alpha=0.5)
-                hidden_t.add_(t)
+                _fold_hidden(hidden_f, hidden_t, p, dim)
 
     @staticmethod
     def _add_hidden(touch, hidden_f: torch.Tensor, hidden_t: torch.Tensor) -> None:
@@ -224,9 +227,7 @@ class SaliencyAccumulator:
             hidden_f.add_((p * p).to(_STAT_DTYPE), alpha=0.5)
             hidden_t.add_(p.to(_STAT_DTYPE))
         else:
-            f, t = _sums(p, touch.dim)
-            hidden_f.add_(f, alpha=0.5)
-            hidden_t.add_(t)
+            _fold_hidden(hidden_f, hidden_t, p, touch.dim)
 
     # ----- checkpoint state --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
