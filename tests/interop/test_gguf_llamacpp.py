@@ -190,3 +190,21 @@ def test_cli_refuses_an_unknown_dtype_in_one_line_before_writing(smollm2_checkpo
     err = capsys.readouterr().err.strip()
     assert err.startswith("efficientllm: error: --dtype 'q4_k'") and "\n" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_inference_bench_times_the_same_greedy_decode_in_every_backend(pruned_ckpt, exported, runs, llamacpp,
+                                                                         tmp_path):
+    """bench/inference's backends do the work they are timed for on a model with per-layer widths:
+    each decode continues the prompt with our own greedy tokens (megatron-core's static KV cache,
+    transformers' cache on the HF export, llama.cpp on the GGUF), every repeat is timed."""
+    from bench.inference.speed import Workload, llamacpp_timings, megatron_timings, transformers_timings
+    from efficientllm.interop.hf_export import export_hf
+
+    prompt = runs["pruned"]["prompt"]
+    work = Workload(prompt, 8, [prompt[:12], prompt[-12:]], repeats=2)
+    hf = export_hf(pruned_ckpt, tmp_path / "hf")
+    for backend in (megatron_timings([pruned_ckpt], work), transformers_timings([hf], work),
+                    llamacpp_timings([exported["pruned"].gguf], work, threads=1)):
+        [timing] = backend
+        assert timing.continuation == runs["pruned"]["ours_greedy"][:8]
+        assert len(timing.decode_s) == len(timing.prefill_s) == 2 and min(timing.decode_s + timing.prefill_s) > 0
