@@ -23,13 +23,22 @@ from typing import Any
 from efficientllm.architecture import Architecture, model_shape_fields
 from efficientllm.pruning.targets import as_target_spec
 
-# Arm name -> the switch it flips on top of A (ablations of pruning-aware pretraining).
-ABLATIONS: dict[str, dict[str, Any]] = {
+def _early(budget: "Budget") -> dict[str, Any]:
+    """The pruning phase over the first quarter of the budget instead of up to `prune_end`."""
+    return {"prune": {"end_step": max(budget.prune_start, budget.budget_steps // 4)}}
+
+
+# Arm name -> the switches it flips on top of A (ablations of pruning-aware pretraining): config
+# changes, or a function of the arm's Budget for the schedule.
+ABLATIONS: dict[str, Any] = {
     "A-no-obs": {"prune": {"compensation": "none"}},
     "A-taylor": {"saliency": {"criterion": "taylor"}},
     "A-per-group": {"prune": {"normalisation": "per_group"}},
     "A-kind-weights": {"prune": {"kind_weights": {"hidden": 0.25}}},
+    "A-hidden-0.1": {"prune": {"kind_weights": {"hidden": 0.1}}},
     "A-no-rms-correction": {"prune": {"hidden_rms_correction": False}},
+    "A-early": _early,
+    "A-early-kind-weights": lambda budget: deep_update(_early(budget), {"prune": {"kind_weights": {"hidden": 0.25}}}),
 }
 MAIN_ARMS = ("A", "B1", "B2", "B3", "C1", "C2")
 
@@ -97,7 +106,10 @@ class ArmFactory:
         b = self.budget
         config = self._from_source({"target_params": self.target_params, "target_ratio": None,
                                     "start_step": b.prune_start, "end_step": b.prune_end, "interval": 1})
-        return deep_update(config, ABLATIONS[ablation]) if ablation else config
+        if not ablation:
+            return config
+        change = ABLATIONS[ablation]
+        return deep_update(config, change(b) if callable(change) else change)
 
     def c(self, criterion: str) -> dict[str, Any]:
         b = self.budget

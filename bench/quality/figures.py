@@ -25,6 +25,7 @@ ARM_STYLE = {  # colour per family, line style per variant
     "source": ("black", ":"), "A": ("tab:blue", "-"), "A-no-obs": ("tab:cyan", "--"),
     "A-taylor": ("tab:cyan", "-."), "A-per-group": ("tab:purple", "--"),
     "A-kind-weights": ("tab:purple", "-."), "A-no-rms-correction": ("tab:cyan", ":"),
+    "A-hidden-0.1": ("tab:pink", "-."), "A-early": ("tab:brown", "--"), "A-early-kind-weights": ("tab:brown", "-."),
     "B1": ("tab:orange", "-"), "B2": ("tab:red", "-"), "B3": ("tab:red", ":"),
     "C1": ("tab:green", "-"), "C2": ("tab:olive", "-"),
 }
