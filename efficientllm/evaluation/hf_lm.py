@@ -13,7 +13,7 @@ import torch
 
 from efficientllm import distributed
 from efficientllm.evaluation import EvaluationError
-from efficientllm.evaluation.lm import EvalTokenizer, TokenPair, pack, plan_batches, regroup
+from efficientllm.evaluation.lm import EvalTokenizer, TokenPair, pack, plan_batches, regroup, tokens_per_forward
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's, for a config that names no context length
 _CONTEXT_LENGTH_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx")
@@ -51,7 +51,8 @@ class HFCausalLM:
     @torch.no_grad()
     def loglikelihoods(self, groups: Sequence[Sequence[TokenPair]]) -> list[list[float]]:
         totals = torch.zeros(sum(len(g) for g in groups), dtype=torch.float64)
-        for batch in plan_batches(groups, self.batch_size, self.max_length):
+        budget = tokens_per_forward(self.model.config.vocab_size)
+        for batch in plan_batches(groups, self.batch_size, self.max_length, budget):
             packed = pack(batch.pairs, self.max_length).to(self.model.device)
             logits = self.model(packed.tokens).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)

@@ -98,9 +98,21 @@ def pack(pairs: Sequence[TokenPair], max_length: int, rows: int | None = None, l
     return Packed(tokens, targets, scored)
 
 
-def plan_batches(groups: Sequence[Sequence[TokenPair]], batch_size: int, max_length: int) -> list[Batch]:
-    """Whole groups into batches of up to `batch_size` pairs (a bigger group gets one to
-    itself), longest first so that a batch pads little."""
+# A forward pass holds [rows, length, vocab] fp32 logits (and the loss's copy of them): at
+# SmolLM2's 8192-token windows and 49k vocabulary 16 rows would be 26 GB.
+LOGITS_BUDGET_BYTES = 2 << 30
+
+
+def tokens_per_forward(vocab_size: int) -> int:
+    """Padded tokens one forward pass may take so that its fp32 logits fit LOGITS_BUDGET_BYTES."""
+    return max(1, LOGITS_BUDGET_BYTES // (4 * vocab_size))
+
+
+def plan_batches(groups: Sequence[Sequence[TokenPair]], batch_size: int, max_length: int,
+                 max_tokens: int | None = None) -> list[Batch]:
+    """Whole groups into batches of up to `batch_size` pairs and, with `max_tokens`, of up to
+    that many padded tokens (a bigger group gets one to itself), longest first so that a batch
+    pads little."""
     starts, flat = [], 0
     for group in groups:
         starts.append(flat)
@@ -110,10 +122,13 @@ def plan_batches(groups: Sequence[Sequence[TokenPair]], batch_size: int, max_len
     batches: list[Batch] = []
     pairs: list[TokenPair] = []
     indices: list[int] = []
+    width = 0  # the batch's padded length: its first group's, the longest
     for g in order:
-        if pairs and len(pairs) + len(groups[g]) > batch_size:
+        rows = len(pairs) + len(groups[g])
+        if pairs and (rows > batch_size or (max_tokens is not None and rows * width > max_tokens)):
             batches.append(Batch(pairs, indices))
             pairs, indices = [], []
+        width = width if pairs else longest[g]
         pairs.extend(groups[g])
         indices.extend(range(starts[g], starts[g] + len(groups[g])))
     if pairs:

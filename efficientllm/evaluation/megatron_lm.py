@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_model_config
+from megatron.core.utils import get_model_config, unwrap_model
 
 from efficientllm import distributed
 from efficientllm.architecture import Architecture
@@ -34,6 +34,7 @@ from efficientllm.evaluation.lm import (
     pack,
     plan_batches,
     regroup,
+    tokens_per_forward,
 )
 from efficientllm.training import checkpoint
 
@@ -116,7 +117,8 @@ class MegatronLM:
     @torch.no_grad()
     def loglikelihoods(self, groups: Sequence[Sequence[TokenPair]]) -> list[list[float]]:
         totals = torch.zeros(sum(len(g) for g in groups), dtype=torch.float64)
-        batches = plan_batches(groups, self.batch_size, self.max_length)
+        budget = tokens_per_forward(unwrap_model(self.chunks[0]).vocab_size)
+        batches = plan_batches(groups, self.batch_size, self.max_length, budget)
         calls = [batches[i:i + self._batches_per_call] for i in range(0, len(batches), self._batches_per_call)]
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         writes = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)

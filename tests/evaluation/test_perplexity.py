@@ -10,6 +10,7 @@ import torch
 
 from efficientllm.evaluation.documents import Document
 from efficientllm.evaluation.hf_lm import HFCausalLM
+from efficientllm.evaluation.lm import input_length, plan_batches
 from efficientllm.evaluation.perplexity import count_words, evaluate_perplexity, rolling_windows
 
 
@@ -58,3 +59,20 @@ def test_batched_rolling_loglikelihood_equals_a_per_token_loop(tiny_hf, text_fil
     assert result.bytes == n_bytes > sum(len(d.text) for d in documents), "bytes, not characters"
     assert result.bits_per_byte == pytest.approx(-sum(result.per_document) / (n_bytes * math.log(2)))
     assert result.token_perplexity == pytest.approx(math.exp(-result.loglikelihood / result.tokens))
+
+
+def test_batches_are_capped_by_padded_tokens_and_keep_every_pair_once():
+    """The logits budget: no batch pads beyond max_tokens unless it is one group alone, a
+    multiple-choice group is never split, every pair is scored once."""
+    groups = [[([1], [2] * n)] for n in (30, 29, 28, 10, 9, 3, 2)] + [[([1], [2] * 5)] * 4]
+    batches = plan_batches(groups, batch_size=16, max_length=64, max_tokens=60)
+    flat = [pair for group in groups for pair in group]
+    assert sorted(i for b in batches for i in b.indices) == list(range(len(flat)))
+    for batch in batches:
+        width = max(input_length(p, 64) for p in batch.pairs)
+        assert len(batch.pairs) * width <= 60
+        assert all(flat[i] == p for i, p in zip(batch.indices, batch.pairs))
+    assert [len(b.pairs) for b in batches] == [2, 2, 6, 1]  # the group of four stays whole
+    assert len(plan_batches(groups, 16, 64)) == 1  # without the cap: batch_size alone
+    [alone] = plan_batches([[([1], [2] * 50)] * 2], 16, 64, max_tokens=60)
+    assert len(alone.pairs) == 2, "a group over the budget still gets a batch of its own"
