@@ -129,6 +129,19 @@ def test_a_padding_no_plain_llama_can_express_is_refused_before_writing(code_tok
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_hidden_size_no_layer_s_heads_divide_exports_as_remote_code(code_tokenizer_dir, tmp_path):
+    """Hidden pruning leaves any hidden size (SmolLM2 at align 128: 512 with 9 heads), which
+    LlamaConfig's own validator refuses; our config, with head_dim explicit, takes it."""
+    from transformers import AutoModelForCausalLM
+
+    arch = Architecture(30, 512, 8, (LayerWidths(4, 2, 16), LayerWidths(8, 4, 24)))
+    out = write_hf(_source(arch, code_tokenizer_dir), tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, dtype=torch.float32)
+    assert (model.config.hidden_size, model.config.head_dim) == (30, 8)
+    assert model.config.layer_num_attention_heads == [4, 8] and model.config.layer_intermediate_size == [16, 24]
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 512)
+
+
 def test_an_existing_output_directory_is_refused(pruned_checkpoint, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(ExportError, match="already exists"):

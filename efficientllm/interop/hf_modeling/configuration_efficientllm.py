@@ -2,28 +2,29 @@
 
 import copy
 
+from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
 
+# A strict dataclass of its own (as transformers' configs are), so that its validators replace
+# LlamaConfig's: a pruned hidden size need not be a multiple of any layer's heads.
+@strict
 class EfficientLLMConfig(LlamaConfig):
     """LlamaConfig plus one entry per layer for the widths pruning changes. The scalar
     num_attention_heads / num_key_value_heads / intermediate_size hold the widest layer's."""
 
     model_type = "efficientllm_llama"
-
-    def __init__(self, layer_num_attention_heads=None, layer_num_key_value_heads=None, layer_intermediate_size=None,
-                 **kwargs):
-        self.layer_num_attention_heads = list(layer_num_attention_heads or [])
-        self.layer_num_key_value_heads = list(layer_num_key_value_heads or [])
-        self.layer_intermediate_size = list(layer_intermediate_size or [])
-        super().__init__(**kwargs)
+    layer_num_attention_heads: list[int] | None = None
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_size: list[int] | None = None
 
     def validate_architecture(self):
         """Each layer's heads divide into its KV heads; head_dim is explicit, so heads need not
         divide hidden_size (LlamaConfig's own check)."""
         lists = (self.layer_num_attention_heads, self.layer_num_key_value_heads, self.layer_intermediate_size)
-        if any(len(widths) != self.num_hidden_layers for widths in lists):
-            raise ValueError(f"per-layer widths need {self.num_hidden_layers} entries each, got {[len(w) for w in lists]}")
+        if any(len(widths or []) != self.num_hidden_layers for widths in lists):
+            raise ValueError(f"per-layer widths need {self.num_hidden_layers} entries each, "
+                             f"got {[len(w or []) for w in lists]}")
         for index, (heads, kv) in enumerate(zip(*lists[:2])):
             if kv <= 0 or heads % kv:
                 raise ValueError(f"layer {index}: {heads} attention heads do not divide into {kv} key/value heads")
