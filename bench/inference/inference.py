@@ -8,7 +8,8 @@ pruning-aware pretraining at `prune.align` 8, 64 and 128, side by side in one ru
    from it (model.from_hf) on English prose tokenised with SmolLM2's tokenizer, pruned at steps
    2-8 to 65% of the source's non-embedding parameters with `prune.align` a. Every model is
    exported the user's way: `efficientllm export hf` and `export gguf` at f32 and q8_0.
-2. Quality: held-out bits per byte (`efficientllm eval ppl`) on the first 40 kB of held-out files.
+2. Quality: held-out bits per byte (`efficientllm eval ppl`, 2048-token windows) on the first
+   40 kB of held-out files.
 3. Speed, every model in each backend, interleaved: batch-1 decode tokens/s (31 steps after a
    32-token prompt) and batch-8 prefill tokens/s (8 x 128 tokens): (a) our megatron forward,
    (b) the HF export in transformers (fp32, CPU), (c) the GGUF in llama.cpp, f32 and q8_0.
@@ -49,6 +50,7 @@ ROOT = REPO / "runs" / "inference"
 OUT = REPO / "docs" / "results" / "inference.json"
 KEEP_NON_EMBEDDING = 0.65
 TRAIN_FILES, HELDOUT_BYTES = 40, 40_000
+EVAL_LENGTH = 2048  # every model scored with the same windows (a checkpoint's own default is its seq_length)
 PROMPT, NEW_TOKENS, PREFILL_BATCH, PREFILL_LENGTH = 32, 32, 8, 128
 GGUF_DTYPES = ("f32", "q8_0")
 
@@ -134,7 +136,8 @@ def architecture(checkpoints: Path) -> Architecture:
 def bits_per_byte(checkpoints: Path, heldout: list[str], out: Path) -> float:
     result = out / "ppl.json"
     once(out / "ppl.DONE", f"eval ppl {out.parent.name}", lambda: run(
-        CLI + ["eval", "ppl", checkpoints, "--text", *heldout, "--output", result], out / "eval.log"))
+        CLI + ["eval", "ppl", checkpoints, "--text", *heldout, "--output", result, "--max-length", EVAL_LENGTH],
+        out / "eval.log"))
     return json.loads(result.read_text())["perplexity"]["bits_per_byte"]
 
 

@@ -1,7 +1,7 @@
 """The quality experiment (issue 13): pruning-aware pretraining vs direct pretraining vs prune-once.
 
     python bench/quality/quality.py tiny [--seeds 1 2] [--ablation-seeds 1] [--arms A,B2,...] [--scale 0.5]
-    python bench/quality/quality.py smollm2 [--arms A,C1,C2]
+    python bench/quality/quality.py smollm2 [--arms A,C1,C2] [--limit 100] [--scale 0.25]
     python bench/quality/quality.py figures     # docs/results/*.png and docs/results/quality.json
 
 Sources: `tiny` is the default job's 6.8M-parameter shape pretrained here on English prose
@@ -69,6 +69,9 @@ SMOL_SOURCE = {
     "saliency": {"hessian_window": 4},
 }
 SMOL_KEEP_NON_EMBEDDING = 0.65  # of SmolLM2's non-embedding parameters
+# Every SmolLM2 model is scored with 2048-token windows (its pretraining context), not with its
+# checkpoint's default: the source's is 8192, an arm's the 256 it was trained at.
+SMOL_EVAL_LENGTH = 2048
 
 
 def say(text: str) -> None:
@@ -100,9 +103,10 @@ def train(run_dir: Path, config: dict[str, Any]) -> Path:
 
 
 def evaluate(run_dir: Path, heldout: list[str], tasks: str | None = None, limit: int | None = None,
-             model: Path | None = None) -> dict:
+             model: Path | None = None, max_length: int | None = None) -> dict:
     """Held-out bits per byte (and zero-shot tasks) of a run's final checkpoint (or of `model`,
-    a Hugging Face directory), cached in RUN_DIR/eval/final.json."""
+    a Hugging Face directory), cached in RUN_DIR/eval/final.json. `max_length`: the tokens one
+    forward pass sees, the same for every arm (default: each checkpoint's training seq_length)."""
     out = run_dir / "eval" / "final.json"
     if out.is_file():
         return json.loads(out.read_text())
@@ -110,11 +114,12 @@ def evaluate(run_dir: Path, heldout: list[str], tasks: str | None = None, limit:
     say(f"eval {run_dir.relative_to(ROOT)}")
     result: dict[str, Any] = {}
     ppl = run_dir / "eval" / "final-ppl.json"
-    run(CLI + ["eval", "ppl", str(ckpt), "--text", *heldout, "--output", str(ppl)], run_dir / "eval.log")
+    length = ["--max-length", str(max_length)] if max_length else []
+    run(CLI + ["eval", "ppl", str(ckpt), "--text", *heldout, "--output", str(ppl)] + length, run_dir / "eval.log")
     result["ppl"] = json.loads(ppl.read_text())
     if tasks:
         mc = run_dir / "eval" / "final-mc.json"
-        run(CLI + ["eval", "mc", str(ckpt), "--tasks", tasks, "--output", str(mc)]
+        run(CLI + ["eval", "mc", str(ckpt), "--tasks", tasks, "--output", str(mc)] + length
             + (["--limit", str(limit)] if limit else []), run_dir / "eval-mc.log")
         result["mc"] = json.loads(mc.read_text())
     out.write_text(json.dumps(result, indent=1))
@@ -145,7 +150,8 @@ def constraints(prune: dict[str, Any], tp: int = 1) -> Constraints:
 
 
 def run_arms(factory: ArmFactory, root: Path, arms: list[str], source_steps: int | None,
-             heldout: list[str], tasks: str | None = None, limit: int | None = None) -> None:
+             heldout: list[str], tasks: str | None = None, limit: int | None = None,
+             max_length: int | None = None) -> None:
     """Train and evaluate `arms` in dependency order (B1 needs A's found architecture)."""
     order = [a for a in ("A", *ABLATIONS, "C1", "C2", "B1", "B2", "B3") if a in arms]
     for arm in order:
@@ -162,7 +168,7 @@ def run_arms(factory: ArmFactory, root: Path, arms: list[str], source_steps: int
         else:
             config = factory.b3(source_steps or 0)
         train(root / arm, config)
-        evaluate(root / arm, heldout, tasks, limit)
+        evaluate(root / arm, heldout, tasks, limit, max_length=max_length)
 
 
 def scaled(budget: Budget, scale: float) -> Budget:
@@ -198,13 +204,15 @@ def tiny(seeds: list[int], ablation_seeds: list[int], arms: list[str], scale: fl
         run_arms(factory, root, wanted, source_steps, heldout)
 
 
-def smollm2(arms: list[str], limit: int) -> None:
+def smollm2(arms: list[str], limit: int, scale: float = 1.0) -> None:
     from efficientllm.interop.hf_config import read_hf_config
     from efficientllm.interop.smollm2 import smollm2_hf_dir
 
     heldout, curve = heldout_files()
     hf = smollm2_hf_dir()
-    root = ROOT / "smollm2" / "seed1"
+    root = ROOT / ("smollm2" if scale == 1 else f"smollm2-x{scale:g}") / "seed1"
+    budget = scaled(SMOL_BUDGET, scale)
+    training = {**SMOL_SOURCE["training"], "eval_interval": max(1, round(SMOL_SOURCE["training"]["eval_interval"] * scale))}
     data_dir = root / "data"
     if not (data_dir / "DONE").is_file():
         say("tokenise the English prose with SmolLM2's tokenizer")
@@ -213,20 +221,20 @@ def smollm2(arms: list[str], limit: int) -> None:
             run(CLI + ["preprocess", "--tokenizer", str(hf), "--input", *files, "--output-prefix",
                        str(data_dir / name)], data_dir / f"preprocess-{name}.log")
         (data_dir / "DONE").write_text("ok\n")
-    evaluate(root / "source", heldout, PAPER_TASKS, limit, model=hf)
+    evaluate(root / "source", heldout, PAPER_TASKS, limit, model=hf, max_length=SMOL_EVAL_LENGTH)
     source = read_hf_config(hf).arch
     embeddings = source.vocab_size * source.hidden_size * (1 if source.tie_embeddings else 2)
     target = round(embeddings + SMOL_KEEP_NON_EMBEDDING * (source.num_parameters() - embeddings))
     factory = ArmFactory(
-        source_config={**SMOL_SOURCE, "model": model_shape_fields(source)},
+        source_config={**SMOL_SOURCE, "training": training, "model": model_shape_fields(source)},
         start={"model": {"from_hf": str(hf)}},
         data={"data_path": [str(data_dir / "train")], "valid_data_path": [str(data_dir / "valid")],
               "tokenizer_model": str(hf)},
         target_params=target,
         uniform=propose_uniform(source, target, constraints(SMOL_SOURCE["prune"])),
-        budget=SMOL_BUDGET, data_seed=1001, eval_text=curve,
+        budget=budget, data_seed=1001, eval_text=curve,
     )
-    run_arms(factory, root, arms, None, heldout, PAPER_TASKS, limit)
+    run_arms(factory, root, arms, None, heldout, PAPER_TASKS, limit, SMOL_EVAL_LENGTH)
 
 
 def main() -> None:
@@ -237,12 +245,12 @@ def main() -> None:
     parser.add_argument("--arms", help="comma-separated arms (default: all of the source's)")
     parser.add_argument("--limit", type=int, default=100, help="items per zero-shot task (smollm2)")
     parser.add_argument("--scale", type=float, default=1.0,
-                        help="tiny: every step count times this (runs under runs/quality/tiny-x<scale>/)")
+                        help="every step count times this (runs under runs/quality/<source>-x<scale>/)")
     args = parser.parse_args()
     if args.what == "tiny":
         tiny(args.seeds, args.ablation_seeds, (args.arms or ",".join((*MAIN_ARMS, *ABLATIONS))).split(","), args.scale)
     elif args.what == "smollm2":
-        smollm2((args.arms or "A,C1,C2").split(","), args.limit)
+        smollm2((args.arms or "A,C1,C2").split(","), args.limit, args.scale)
     else:
         from bench.quality.figures import main as figures
 
