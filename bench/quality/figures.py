@@ -57,7 +57,20 @@ def _final(run_dir: Path) -> dict[str, Any] | None:
     if "mc" in result:
         out["tasks"] = {name: {k: r[k] for k in ("acc", "acc_norm", "items", "split") if k in r}
                         for name, r in result["mc"].get("tasks", {}).items()}
+        out["above_chance"] = above_chance(out["tasks"])
     return out
+
+
+# Chance accuracy of each zero-shot task (ARC: nearly all items have four choices), and the
+# accuracy reported for it: length-normalised where the choices are sentences of different length.
+CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "openbookqa": 0.25, "piqa": 0.5,
+          "boolq": 0.5, "winogrande": 0.5}
+NORMALISED = {"arc_easy", "arc_challenge", "hellaswag", "openbookqa", "piqa"}
+
+
+def above_chance(tasks: dict[str, dict[str, Any]]) -> float:
+    """Mean accuracy above chance over the tasks (acc_norm where NORMALISED, else acc)."""
+    return statistics.fmean(r["acc_norm" if name in NORMALISED else "acc"] - CHANCE[name] for name, r in tasks.items())
 
 
 def collect(root: Path) -> dict[str, Any]:
@@ -77,23 +90,24 @@ def _mean_spread(values: list[float]) -> dict[str, float]:
 
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
-    """Means and spreads over seeds, and A's held-out perplexity change against each arm
-    (negative = A is better), per seed and on average."""
+    """Means and spreads over seeds, and each pruning-aware arm's (A and its ablations) held-out
+    perplexity change against the baselines and against plain A (negative = better), per seed
+    and on average."""
     summary: dict[str, Any] = {}
     for source, seeds in results.items():
         arms = sorted({arm for per_seed in seeds.values() for arm in per_seed})
-        s: dict[str, Any] = {"arms": {}, "A_vs": {}}
+        s: dict[str, Any] = {"arms": {}, "vs": {}}
         for arm in arms:
             values = [per_seed[arm] for per_seed in seeds.values() if arm in per_seed]
             s["arms"][arm] = {key: _mean_spread([v[key] for v in values])
-                              for key in ("bits_per_byte", "token_perplexity") if all(key in v for v in values)}
-        for other in arms:
-            if other == "A":
-                continue
-            changes = [per_seed["A"]["token_perplexity"] / per_seed[other]["token_perplexity"] - 1
-                       for per_seed in seeds.values() if "A" in per_seed and other in per_seed]
-            if changes:
-                s["A_vs"][other] = _mean_spread(changes)
+                              for key in ("bits_per_byte", "token_perplexity", "above_chance")
+                              if all(key in v for v in values)}
+        for mine in (a for a in arms if a.startswith("A")):
+            for other in (a for a in arms if not a.startswith("A") or (a == "A" != mine)):
+                changes = [per_seed[mine]["token_perplexity"] / per_seed[other]["token_perplexity"] - 1
+                           for per_seed in seeds.values() if mine in per_seed and other in per_seed]
+                if changes:
+                    s["vs"].setdefault(mine, {})[other] = _mean_spread(changes)
         summary[source] = s
     return summary
 

@@ -9,8 +9,8 @@ Sources: `tiny` is the default job's 6.8M-parameter shape pretrained here on Eng
 is the real SmolLM2-135M, continued on the same prose with its own tokenizer. Every arm's runs
 live under runs/quality/<source>/seed<k>/<arm>/ and are skipped when already complete, so the
 command can be rerun after an interruption. Quality is held-out bits per byte on whole held-out
-files (`efficientllm eval ppl`), and for SmolLM2 also the seven zero-shot tasks
-(`efficientllm eval mc`).
+files (`efficientllm eval ppl`; for SmolLM2 the first 100 kB of them), and for SmolLM2 also the
+seven zero-shot tasks (`efficientllm eval mc`).
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ SMOL_KEEP_NON_EMBEDDING = 0.65  # of SmolLM2's non-embedding parameters
 # Every SmolLM2 model is scored with 2048-token windows (its pretraining context), not with its
 # checkpoint's default: the source's is 8192, an arm's the 256 it was trained at.
 SMOL_EVAL_LENGTH = 2048
+SMOL_HELDOUT_BYTES = 100_000  # its first held-out files (all 400 kB took SmolLM2 over 20 min per model here)
 
 
 def say(text: str) -> None:
@@ -126,16 +127,21 @@ def evaluate(run_dir: Path, heldout: list[str], tasks: str | None = None, limit:
     return result
 
 
-def heldout_files() -> tuple[list[str], list[str]]:
-    """(every held-out file, the first ones up to CURVE_BYTES for the curves during training)."""
+def heldout_files(limit_bytes: int | None = None) -> tuple[list[str], list[str]]:
+    """(the held-out files, all of them or the first ones up to `limit_bytes`; the first ones up
+    to CURVE_BYTES, for the curves during training)."""
     files = [str(f) for f in english_docs_corpus(**CORPUS).heldout]
-    curve, size = [], 0
+    return _first_bytes(files, limit_bytes), _first_bytes(files, CURVE_BYTES)
+
+
+def _first_bytes(files: list[str], limit: int | None) -> list[str]:
+    chosen, size = [], 0
     for f in files:
-        if size >= CURVE_BYTES:
+        if limit is not None and size >= limit:
             break
-        curve.append(f)
+        chosen.append(f)
         size += Path(f).stat().st_size
-    return files, curve
+    return chosen
 
 
 def final_architecture(run_dir: Path) -> Architecture:
@@ -208,7 +214,7 @@ def smollm2(arms: list[str], limit: int, scale: float = 1.0) -> None:
     from efficientllm.interop.hf_config import read_hf_config
     from efficientllm.interop.smollm2 import smollm2_hf_dir
 
-    heldout, curve = heldout_files()
+    heldout, curve = heldout_files(SMOL_HELDOUT_BYTES)
     hf = smollm2_hf_dir()
     root = ROOT / ("smollm2" if scale == 1 else f"smollm2-x{scale:g}") / "seed1"
     budget = scaled(SMOL_BUDGET, scale)
