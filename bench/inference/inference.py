@@ -148,7 +148,7 @@ def workload(hf: Path, heldout: list[str], repeats: int) -> Workload:
     tokenizer = load_tokenizer(hf)
     ids: list[int] = []
     for f in heldout:
-        ids += tokenizer.encode(Path(f).read_text())
+        ids += tokenizer.tokenize(Path(f).read_text())
         if len(ids) >= PROMPT + PREFILL_BATCH * PREFILL_LENGTH:
             break
     rows = [ids[PROMPT + i * PREFILL_LENGTH:PROMPT + (i + 1) * PREFILL_LENGTH] for i in range(PREFILL_BATCH)]

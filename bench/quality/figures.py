@@ -31,6 +31,9 @@ ARM_STYLE = {  # colour per family, line style per variant
 }
 
 
+WIDTHS_SHOWN = ("A", "A-hidden-0.1")  # the default and the best ablation measured
+
+
 def _records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -151,23 +154,27 @@ def plot_bpb(seed_dir: Path, out: Path, title: str) -> Path | None:
     return out
 
 
-def plot_widths(found: Architecture, uniform: Architecture, out: Path, title: str) -> Path:
-    """Per-layer query heads and FFN channels: what A found vs the uniform target."""
-    layers = range(found.num_layers)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+def plot_widths(found: dict[str, Architecture], uniform: Architecture, out: Path, title: str) -> Path:
+    """Per-layer query heads and FFN channels: what each pruning-aware arm found vs the uniform
+    target, one bar per architecture and layer."""
+    shapes = {**{f"{arm} (found)": arch for arm, arch in found.items()}, "uniform target": uniform}
+    colours = {label: ARM_STYLE.get(label.split(" ")[0], ("grey", "-"))[0] for label in shapes}
+    colours["uniform target"] = "tab:red"
+    layers = range(uniform.num_layers)
+    width = 0.8 / len(shapes)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, field, label in ((axes[0], "num_attention_heads", "query heads"),
                              (axes[1], "ffn_hidden_size", "FFN channels")):
-        width = 0.4
-        ax.bar([l - width / 2 for l in layers], [getattr(w, field) for w in found.layers], width,
-               label=f"A (found), hidden {found.hidden_size}", color="tab:blue")
-        ax.bar([l + width / 2 for l in layers], [getattr(w, field) for w in uniform.layers], width,
-               label=f"uniform target, hidden {uniform.hidden_size}", color="tab:red")
+        for i, (name, arch) in enumerate(shapes.items()):
+            offset = (i - (len(shapes) - 1) / 2) * width
+            ax.bar([l + offset for l in layers], [getattr(w, field) for w in arch.layers], width,
+                   label=f"{name}, hidden {arch.hidden_size}", color=colours[name])
         ax.set_xlabel("layer")
         ax.set_ylabel(label)
         ax.set_xticks(list(layers))
-        ax.legend(fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(shapes), fontsize=9)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
@@ -191,11 +198,12 @@ def main(root: Path, docs: Path) -> None:
         seed_dir = root / source / sorted(seeds)[0]
         plot_bpb(seed_dir, docs / f"quality-{source}-bpb.png",
                  f"{source}: held-out bits per byte vs tokens ({seed_dir.name})")
-        found_file = seed_dir / "A" / "architecture.json"
+        found = {arm: Architecture.from_json((seed_dir / arm / "architecture.json").read_text())
+                 for arm in WIDTHS_SHOWN if (seed_dir / arm / "architecture.json").is_file()}
         uniform = _uniform_target(seed_dir)
-        if found_file.is_file() and uniform is not None:
-            plot_widths(Architecture.from_json(found_file.read_text()), uniform,
-                        docs / f"quality-{source}-widths.png", f"{source}: per-layer widths, A vs uniform target")
+        if found and uniform is not None:
+            plot_widths(found, uniform, docs / f"quality-{source}-widths.png",
+                        f"{source}: per-layer widths found by pruning-aware pretraining vs the uniform target ({seed_dir.name})")
         if (seed_dir / "A" / "pruning.png").is_file():
             shutil.copy(seed_dir / "A" / "pruning.png", docs / f"quality-{source}-pruning.png")
     print(json.dumps(record["summary"], indent=1))
