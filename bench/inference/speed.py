@@ -120,10 +120,10 @@ def transformers_timings(hf_dirs: Sequence[Path], work: Workload) -> list[Timing
 
     def decode(model) -> tuple[float, list[int]]:
         out = model(torch.tensor([work.prompt]), use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values  # a DynamicCache, filled in place by every step
+        cache = out.cache  # a DynamicCache, filled in place by every step
 
         def step(token: torch.Tensor, i: int) -> torch.Tensor:
-            return model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            return model(token, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
 
         return _greedy(out.logits[:, -1].argmax(-1, keepdim=True), step, work.decode_steps)
 
