@@ -230,14 +230,17 @@ def smollm2(arms: list[str], limit: int, scale: float = 1.0) -> None:
     evaluate(root / "source", heldout, PAPER_TASKS, limit, model=hf, max_length=SMOL_EVAL_LENGTH)
     source = read_hf_config(hf).arch
     embeddings = source.vocab_size * source.hidden_size * (1 if source.tie_embeddings else 2)
-    target = round(embeddings + SMOL_KEEP_NON_EMBEDDING * (source.num_parameters() - embeddings))
+    goal = round(embeddings + SMOL_KEEP_NON_EMBEDDING * (source.num_parameters() - embeddings))
+    # At align 64 SmolLM2's uniform shapes lie ~8% apart (a hidden unit carries 64 embedding
+    # columns): every arm is pruned to the size of the uniform shape closest to the goal.
+    uniform = propose_uniform(source, goal, constraints(SMOL_SOURCE["prune"]))
     factory = ArmFactory(
         source_config={**SMOL_SOURCE, "training": training, "model": model_shape_fields(source)},
         start={"model": {"from_hf": str(hf)}},
         data={"data_path": [str(data_dir / "train")], "valid_data_path": [str(data_dir / "valid")],
               "tokenizer_model": str(hf)},
-        target_params=target,
-        uniform=propose_uniform(source, target, constraints(SMOL_SOURCE["prune"])),
+        target_params=uniform.num_parameters(),
+        uniform=uniform,
         budget=budget, data_seed=1001, eval_text=curve,
     )
     run_arms(factory, root, arms, None, heldout, PAPER_TASKS, limit, SMOL_EVAL_LENGTH)
