@@ -123,8 +123,8 @@ def plot_bpb(seed_dir: Path, out: Path, title: str) -> Path | None:
     for arm_dir in sorted(seed_dir.iterdir()):
         if not arm_dir.is_dir() or arm_dir.name == "source":
             continue
-        # The curve is the in-training eval on the first held-out files; the final figure (a
-        # star) is on all of them, so the two are different texts and are not joined.
+        # The curve is the in-training eval on the first 40 kB of held-out files; the final
+        # figure (a star) is on more of them, so the two are different texts and are not joined.
         points = [(r["tokens"], r["text"]["bits_per_byte"]) for r in _records(arm_dir, "eval")
                   if isinstance(r.get("text"), dict)]
         final = _final(arm_dir)
@@ -139,12 +139,12 @@ def plot_bpb(seed_dir: Path, out: Path, title: str) -> Path | None:
                     label=None if points else arm_dir.name)
         drawn += 1
     if source_final:
-        ax.axhline(source_final["bits_per_byte"], color="black", linestyle=":", label="source, all held-out files")
+        ax.axhline(source_final["bits_per_byte"], color="black", linestyle=":", label="source, final evaluation")
     if not drawn:
         plt.close(fig)
         return None
     ax.set_xlabel("tokens after the source (millions)")
-    ax.set_ylabel("held-out bits per byte (lower is better)\nlines: first held-out files; stars: all of them")
+    ax.set_ylabel("held-out bits per byte (lower is better)\nlines: during training, first 40 kB; stars: final evaluation")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(ncol=2, fontsize=8)
@@ -171,7 +171,7 @@ def plot_widths(found: dict[str, Architecture], uniform: Architecture, out: Path
                    label=f"{name}, hidden {arch.hidden_size}", color=colours[name])
         ax.set_xlabel("layer")
         ax.set_ylabel(label)
-        ax.set_xticks(list(layers))
+        ax.set_xticks(list(layers)[::max(1, len(layers) // 10)])
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(shapes), fontsize=9)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
