@@ -83,10 +83,18 @@ class Architecture:
         mlp = 3 * h * layer.ffn_hidden_size  # gate + up rows, down columns
         return qkv + proj + mlp + 2 * h  # two RMSNorm weights
 
+    def embedding_parameters(self) -> int:
+        """The input embedding and, when untied, the output layer."""
+        return self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
+
     def num_parameters(self) -> int:
-        embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
         final_norm = self.hidden_size
-        return embeddings + final_norm + sum(self.layer_parameters(l) for l in self.layers)
+        return self.embedding_parameters() + final_norm + sum(self.layer_parameters(l) for l in self.layers)
+
+    def params_keeping_non_embedding(self, fraction: float) -> int:
+        """A parameter count that keeps the embedding and `fraction` of everything else."""
+        embeddings = self.embedding_parameters()
+        return round(embeddings + fraction * (self.num_parameters() - embeddings))
 
     def validate(self, tensor_parallel_size: int = 1) -> None:
         """Raise ArchitectureError naming the first width that cannot be built at this TP size."""

@@ -179,8 +179,7 @@ def main() -> None:
     once(ROOT / "source" / "import.DONE", "import SmolLM2-135M",
          lambda: run(CLI + ["import", "hf", hf, ROOT / "source" / "checkpoints"], ROOT / "source" / "import.log"))
     source = architecture(ROOT / "source" / "checkpoints")
-    embeddings = source.vocab_size * source.hidden_size * (1 if source.tie_embeddings else 2)
-    target = round(embeddings + KEEP_NON_EMBEDDING * (source.num_parameters() - embeddings))
+    target = source.params_keeping_non_embedding(KEEP_NON_EMBEDDING)
     for align in args.aligns:
         run_dir = ROOT / f"align{align}"
         config = pruned_config(hf, data, align, target, run_dir)

@@ -17,7 +17,8 @@ from efficientllm.architecture import Architecture
 
 def decode_weights_read(arch: Architecture) -> int:
     """Parameters read from memory to decode one token at batch 1."""
-    lookup = 0 if arch.tie_embeddings else arch.vocab_size * arch.hidden_size
+    # the lookup is the input half of the embedding parameters; tied, the output layer reads it all
+    lookup = 0 if arch.tie_embeddings else arch.embedding_parameters() // 2
     return arch.num_parameters() - lookup
 
 

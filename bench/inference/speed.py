@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from efficientllm.interop.llamacpp import Timings
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -35,10 +37,9 @@ class Workload:
 
 
 @dataclass(frozen=True)
-class Timing:
-    decode_s: list[float]  # per repeat
-    prefill_s: list[float]
-    continuation: list[int]  # the new_tokens greedy tokens decoded (the same work in every backend)
+class Timing(Timings):
+    """Per-repeat decode and prefill seconds and the greedy tokens decoded (the same work in every
+    backend), in the form llama.cpp reports them."""
 
     def rates(self, work: Workload) -> dict[str, float]:
         """Tokens per second, the median over repeats."""

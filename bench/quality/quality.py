@@ -229,8 +229,7 @@ def smollm2(arms: list[str], limit: int, scale: float = 1.0) -> None:
         (data_dir / "DONE").write_text("ok\n")
     evaluate(root / "source", heldout, PAPER_TASKS, limit, model=hf, max_length=SMOL_EVAL_LENGTH)
     source = read_hf_config(hf).arch
-    embeddings = source.vocab_size * source.hidden_size * (1 if source.tie_embeddings else 2)
-    goal = round(embeddings + SMOL_KEEP_NON_EMBEDDING * (source.num_parameters() - embeddings))
+    goal = source.params_keeping_non_embedding(SMOL_KEEP_NON_EMBEDDING)
     # At align 64 SmolLM2's uniform shapes lie ~8% apart (a hidden unit carries 64 embedding
     # columns): every arm is pruned to the size of the uniform shape closest to the goal.
     uniform = propose_uniform(source, goal, constraints(SMOL_SOURCE["prune"]))
