@@ -111,13 +111,11 @@ def brute_force(model, arch: Architecture, criterion: str) -> dict:
         table["head"].append(torch.tensor(heads, dtype=torch.float64))
         table["kv_group"].append(torch.tensor(kvs, dtype=torch.float64))
         table["ffn"].append(torch.tensor(ffn, dtype=torch.float64))
-        norms = (p(block.input_layernorm.weight), p(block.pre_mlp_layernorm.weight))
-        for i in range(h):
-            hidden_parts[i] += [qkv[:, i], fc1[:, i], proj[i], fc2[i], norms[0][i:i + 1], norms[1][i:i + 1]]
+        for i in range(h):  # the norm weights in front of qkv / fc1 are not counted (saliency.py)
+            hidden_parts[i] += [qkv[:, i], fc1[:, i], proj[i], fc2[i]]
     stem = (p(gpt.embedding.word_embeddings.weight), p(gpt.output_layer.weight))
-    final = p(gpt.decoder.final_layernorm.weight)
     for i in range(h):
-        hidden_parts[i] += [stem[0][:, i], stem[1][:, i], final[i:i + 1]]
+        hidden_parts[i] += [stem[0][:, i], stem[1][:, i]]
     table["hidden"] = torch.tensor([score(torch.cat(parts)) for parts in hidden_parts], dtype=torch.float64)
     return table
 
@@ -144,6 +142,28 @@ def test_each_group_score_equals_the_brute_force_sum_over_the_full_weights(singl
     assert_tables_close(table, expected)
     assert set(table) == {"head", "kv_group", "ffn", "hidden", "layer"}
     assert all((s > 0).all() for s in table["head"])
+
+
+def test_a_norm_weights_taylor_term_is_its_consumer_columns_so_hidden_scores_leave_it_out(single_rank):
+    # Why the hidden sums skip the RMSNorm weights: gamma_i * dL/dgamma_i equals the summed
+    # W_ji * dL/dW_ji of the column it scales, so counting it would count that column twice.
+    arch = tiny_arch()
+    model, optimizer = build(arch)
+    pairs = []
+
+    def before_step():
+        gpt = model[0].module
+        p = lambda param: param.main_grad.double() * param.detach().double()
+        for block in gpt.decoder.layers:
+            pairs.append((p(block.input_layernorm.weight), p(block.self_attention.linear_qkv.weight).sum(0)))
+            pairs.append((p(block.pre_mlp_layernorm.weight), p(block.mlp.linear_fc1.weight).sum(0)))
+        pairs.append((p(gpt.decoder.final_layernorm.weight), p(gpt.output_layer.weight).sum(0)))
+
+    train_step(model, optimizer, 0, arch.vocab_size, before_step)
+    assert len(pairs) == 2 * arch.num_layers + 1
+    for norm, column in pairs:
+        assert norm.abs().max() > 0
+        torch.testing.assert_close(norm, column, rtol=1e-4, atol=1e-4 * column.abs().max().item())
 
 
 def test_scores_are_an_exponential_moving_average_over_steps(single_rank):
@@ -266,7 +286,7 @@ def test_groups_have_global_identities_and_sizes(single_rank):
     assert groups.ids("head")[-1] == GroupId("head", 1, 5)
     assert len(groups.ids("ffn")) == 48 + 40 and len(groups.ids("kv_group")) == 4
     assert groups.sizes().head == 2 * arch.head_dim * arch.hidden_size
-    assert {t.name for t in groups.stem} == {"embedding", "final_layernorm", "output_layer"}
+    assert {t.name for t in groups.stem} == {"embedding", "output_layer"}
 
 
 def test_state_round_trips_and_reindex_keeps_the_surviving_groups(single_rank):

@@ -8,10 +8,11 @@ channel. What a rank holds of it is described here with the LayerLayout index ar
 - head: its d query rows of `linear_qkv` and its d columns of `linear_proj` (owner TP rank only).
 - kv_group: its k and v rows of `linear_qkv` (removed with the group's last head).
 - ffn: its gate row and up row of `linear_fc1`, its column of `linear_fc2` (owner rank only).
-- hidden: every column/row/element touching the channel on this rank. Column-parallel inputs
+- hidden: every matrix column/row touching the channel on this rank. Column-parallel inputs
   (`linear_qkv`, `linear_fc1`, output layer), row-parallel outputs (`linear_proj`, `linear_fc2`)
-  and the vocab-sharded embedding are true partial sums over TP; the norm weights are replicated
-  over TP, so they are counted on TP rank 0 only (`replicated=True`).
+  and the vocab-sharded embedding are true partial sums over TP. The RMSNorm weights are not
+  groups of their own: a norm weight only scales the consumer columns it feeds, so removing
+  those columns already removes what it does (see `saliency.py`).
 - layer: a whole block (the module itself).
 
 No collectives: the TP rank/size are read from megatron's parallel_state once. Index views are
@@ -46,15 +47,12 @@ class GroupId:
 
 @dataclass(frozen=True)
 class HiddenTouch:
-    """A matrix or norm on this rank that touches every hidden channel.
-
-    `dim` is the dimension to reduce to get one value per hidden channel (None: the weight is
-    the [h] norm vector itself). `replicated` weights are identical on every TP rank."""
+    """A matrix outside the decoder layers on this rank that touches every hidden channel;
+    `dim` is the dimension to reduce to get one value per hidden channel."""
 
     name: str
     param: torch.nn.Parameter
-    dim: int | None
-    replicated: bool
+    dim: int
 
 
 @dataclass
@@ -69,7 +67,6 @@ class LocalLayer:
     proj: torch.nn.Parameter
     fc1: torch.nn.Parameter
     fc2: torch.nn.Parameter
-    norms: tuple[HiddenTouch, ...]
     # index views (local rows/columns), one row per local group, in global order:
     head_qkv_rows: torch.Tensor = field(init=False)  # [heads_local, d]
     head_proj_cols: torch.Tensor = field(init=False)  # [heads_local, d]
@@ -113,15 +110,6 @@ class LocalLayer:
     def global_ffn(self) -> range:
         return self.layout.ffn_on_rank(self.tp_rank)
 
-    def hidden_touches(self) -> tuple[HiddenTouch, ...]:
-        return (
-            HiddenTouch(f"layers.{self.layer}.linear_qkv", self.qkv, 0, False),
-            HiddenTouch(f"layers.{self.layer}.linear_proj", self.proj, 1, False),
-            HiddenTouch(f"layers.{self.layer}.linear_fc1", self.fc1, 0, False),
-            HiddenTouch(f"layers.{self.layer}.linear_fc2", self.fc2, 1, False),
-            *self.norms,
-        )
-
 
 @dataclass
 class ShardGroups:
@@ -131,11 +119,8 @@ class ShardGroups:
     tp_rank: int
     tp_size: int
     layers: list[LocalLayer]  # in global layer order
-    stem: list[HiddenTouch]  # embedding, final norm, output layer (where this rank has them)
+    stem: list[HiddenTouch]  # embedding, untied output layer (where this rank has them)
     chunks: list[torch.nn.Module]  # the unwrapped GPTModel chunks (for hooks)
-
-    def hidden_touches(self) -> list[HiddenTouch]:
-        return [t for l in self.layers for t in l.hidden_touches()] + list(self.stem)
 
     def sizes(self) -> GroupSizes:
         """Parameters per group (both sides, whole model): `GroupSizes.of(arch)`."""
@@ -161,10 +146,6 @@ def as_chunks(model: list[torch.nn.Module] | torch.nn.Module) -> list[torch.nn.M
     return unwrap_model(list(model) if isinstance(model, (list, tuple)) else [model])
 
 
-def _norm(name: str, module: torch.nn.Module) -> HiddenTouch:
-    return HiddenTouch(name, module.weight, None, True)
-
-
 def shard_groups(model: list[torch.nn.Module] | torch.nn.Module, arch: Architecture) -> ShardGroups:
     """Describe the groups of the model chunks on this rank (DDP-wrapped or not)."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -174,7 +155,7 @@ def shard_groups(model: list[torch.nn.Module] | torch.nn.Module, arch: Architect
     gpts = as_chunks(model)
     for gpt in gpts:
         if getattr(gpt, "pre_process", False):
-            stem.append(HiddenTouch("embedding", gpt.embedding.word_embeddings.weight, 0, False))
+            stem.append(HiddenTouch("embedding", gpt.embedding.word_embeddings.weight, 0))
         for block in gpt.decoder.layers:
             index = block.layer_number - 1
             attn, mlp = block.self_attention, block.mlp
@@ -188,17 +169,11 @@ def shard_groups(model: list[torch.nn.Module] | torch.nn.Module, arch: Architect
                     proj=attn.linear_proj.weight,
                     fc1=mlp.linear_fc1.weight,
                     fc2=mlp.linear_fc2.weight,
-                    norms=(
-                        _norm(f"layers.{index}.input_layernorm", block.input_layernorm),
-                        _norm(f"layers.{index}.pre_mlp_layernorm", block.pre_mlp_layernorm),
-                    ),
                 )
             )
-        if getattr(gpt, "post_process", False):
-            if getattr(gpt.decoder, "final_layernorm", None) is not None:
-                stem.append(_norm("final_layernorm", gpt.decoder.final_layernorm))
-            # A tied output layer is the embedding: counted once, on the first stage.
-            if not arch.tie_embeddings and gpt.output_layer.weight is not None:
-                stem.append(HiddenTouch("output_layer", gpt.output_layer.weight, 0, False))
+        # A tied output layer is the embedding: counted once, on the first stage.
+        untied = getattr(gpt, "post_process", False) and not arch.tie_embeddings
+        if untied and gpt.output_layer.weight is not None:
+            stem.append(HiddenTouch("output_layer", gpt.output_layer.weight, 0))
     layers.sort(key=lambda l: l.layer)
     return ShardGroups(arch, tp_rank, tp_size, layers, stem, gpts)

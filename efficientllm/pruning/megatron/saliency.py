@@ -7,6 +7,14 @@ Per step, for every group g this rank holds a part of:
 - fisher: ½ Σ_{i∈g} g_i² w_i²  (optimal brain damage with the empirical Fisher diagonal)
 - taylor: Σ_{i∈g} g_i w_i       (the signed first-order loss change of removing g)
 
+A hidden channel's sums run over its matrix columns and rows only, not over the RMSNorm weights
+in front of its consumers. Such a weight only scales the consumer columns it feeds: per step
+γ_i·∂L/∂γ_i = Σ_j W_ji·∂L/∂W_ji, its Taylor term is the consumer column's and its Fisher term the
+square of that column's summed g·w. Counting it counts the same removal again, as a whole
+column's coherent second-order term charged to one parameter; on the tiny source that was 54% of
+a hidden channel's score, so hidden channels looked far dearer per parameter than heads and FFN
+channels (whose scores have no such term) and were never pruned (docs/RESULTS.md).
+
 Both are computed per matrix with vectorised reductions of P = G ⊙ W (row / column sums of P
 and P², then gathered into group bins with the index views of `groups.py`) and folded into an
 exponential moving average (the first update initialises it). The taylor score of every kind is
@@ -175,16 +183,14 @@ class SaliencyAccumulator:
                 self._attention(local, s, hidden_f, hidden_t, want_heads)
             if want_ffn or want_hidden:
                 self._mlp(local, s, hidden_f, hidden_t, want_ffn)
-            if want_hidden and self.groups.tp_rank == 0:
-                for norm in local.norms:
-                    self._add_hidden(norm, hidden_f, hidden_t)
             if local.layer in self._cos_count:
                 count = self._cos_count.pop(local.layer)
                 self._queue(s["cos"], self._cos_sum.pop(local.layer) / count)
         if want_hidden:
             for touch in self.groups.stem:
-                if not touch.replicated or self.groups.tp_rank == 0:
-                    self._add_hidden(touch, hidden_f, hidden_t)
+                p = _products(touch.param)
+                if p is not None:
+                    _fold_hidden(hidden_f, hidden_t, p, touch.dim)
             self._queue(self.hidden_fisher, hidden_f)
             self._queue(self.hidden_taylor, hidden_t)
 
@@ -217,17 +223,6 @@ class SaliencyAccumulator:
         if hidden_f is not None:
             for p, dim in ((fc1, 0), (fc2, 1)):
                 _fold_hidden(hidden_f, hidden_t, p, dim)
-
-    @staticmethod
-    def _add_hidden(touch, hidden_f: torch.Tensor, hidden_t: torch.Tensor) -> None:
-        p = _products(touch.param)
-        if p is None:
-            return
-        if touch.dim is None:
-            hidden_f.add_((p * p).to(_STAT_DTYPE), alpha=0.5)
-            hidden_t.add_(p.to(_STAT_DTYPE))
-        else:
-            _fold_hidden(hidden_f, hidden_t, p, touch.dim)
 
     # ----- checkpoint state --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
