@@ -41,3 +41,15 @@ def test_prune_once_arms_go_straight_to_the_uniform_target(factory):
         config = config_from_dict(factory.c(criterion))
         assert config.prune.start_step == config.prune.end_step == factory.budget.prune_start
         assert config.saliency.criterion == criterion
+
+
+def test_figures_keep_the_recorded_results_of_sources_not_rerun_here(tmp_path):
+    import json
+
+    from bench.quality.figures import recorded_elsewhere
+
+    previous = tmp_path / "quality.json"
+    assert recorded_elsewhere(previous, {}) == {}
+    previous.write_text(json.dumps({"results": {"smollm2-x0.25": {"seed1": {"A": 1}}, "tiny-x0.5": {"seed1": {"A": 2}}}}))
+    kept = recorded_elsewhere(previous, {"tiny-x0.5": {"seed1": {"A": 3}}})
+    assert kept == {"smollm2-x0.25": {"seed1": {"A": 1}}}

@@ -189,10 +189,20 @@ def _uniform_target(seed_dir: Path) -> Architecture | None:
     return None
 
 
+def recorded_elsewhere(previous: Path, measured: dict[str, Any]) -> dict[str, Any]:
+    """The results in an earlier quality.json of the sources with no runs here: runs/ stays on
+    the machine that made it, docs/ is committed, so a source is replaced only when re-run."""
+    if not previous.is_file():
+        return {}
+    return {source: seeds for source, seeds in json.loads(previous.read_text())["results"].items()
+            if source not in measured}
+
+
 def main(root: Path, docs: Path) -> None:
     docs.mkdir(parents=True, exist_ok=True)
-    results = collect(root)
-    record = {"results": results, "summary": summarise(results)}
+    measured = collect(root)
+    results = {**recorded_elsewhere(docs / "quality.json", measured), **measured}
+    record = {"results": dict(sorted(results.items())), "summary": summarise(results)}
     (docs / "quality.json").write_text(json.dumps(record, indent=1))
     for source, seeds in results.items():
         seed_dir = root / source / sorted(seeds)[0]
