@@ -23,9 +23,27 @@ from typing import Any
 from efficientllm.architecture import Architecture, model_shape_fields
 from efficientllm.pruning.targets import as_target_spec
 
-def _early(budget: "Budget") -> dict[str, Any]:
-    """The pruning phase over the first quarter of the budget instead of up to `prune_end`."""
-    return {"prune": {"end_step": max(budget.prune_start, budget.budget_steps // 4)}}
+
+def deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_update(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _ending_at(fraction: float):
+    """The pruning phase ending at `fraction` of the budget instead of at `prune_end`."""
+    def change(budget: "Budget") -> dict[str, Any]:
+        return {"prune": {"end_step": max(budget.prune_start, int(budget.budget_steps * fraction))}}
+    return change
+
+
+_early = _ending_at(0.25)
+_late = _ending_at(0.75)
+_HIDDEN_QUARTER = {"prune": {"kind_weights": {"hidden": 0.25}}}
 
 
 # Arm name -> the switches it flips on top of A (ablations of pruning-aware pretraining): config
@@ -34,11 +52,15 @@ ABLATIONS: dict[str, Any] = {
     "A-no-obs": {"prune": {"compensation": "none"}},
     "A-taylor": {"saliency": {"criterion": "taylor"}},
     "A-per-group": {"prune": {"normalisation": "per_group"}},
-    "A-kind-weights": {"prune": {"kind_weights": {"hidden": 0.25}}},
+    "A-kind-weights": _HIDDEN_QUARTER,
     "A-hidden-0.1": {"prune": {"kind_weights": {"hidden": 0.1}}},
+    "A-hidden-0.05": {"prune": {"kind_weights": {"hidden": 0.05}}},
+    "A-hidden-0.02": {"prune": {"kind_weights": {"hidden": 0.02}}},
     "A-no-rms-correction": {"prune": {"hidden_rms_correction": False}},
     "A-early": _early,
-    "A-early-kind-weights": lambda budget: deep_update(_early(budget), {"prune": {"kind_weights": {"hidden": 0.25}}}),
+    "A-early-kind-weights": lambda budget: deep_update(_early(budget), _HIDDEN_QUARTER),
+    "A-late-kind-weights": lambda budget: deep_update(_late(budget), _HIDDEN_QUARTER),
+    "A-taylor-kind-weights": deep_update(_HIDDEN_QUARTER, {"saliency": {"criterion": "taylor"}}),
 }
 MAIN_ARMS = ("A", "B1", "B2", "B3", "C1", "C2")
 
@@ -53,16 +75,6 @@ class Budget:
     finetune_lr: float  # peak LR of the arms that continue from the source's weights
     scratch_lr: float  # peak LR of the arms trained from scratch (the source's own)
     warmup: int
-
-
-def deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_update(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 @dataclass

@@ -25,7 +25,9 @@ ARM_STYLE = {  # colour per family, line style per variant
     "source": ("black", ":"), "A": ("tab:blue", "-"), "A-no-obs": ("tab:cyan", "--"),
     "A-taylor": ("tab:cyan", "-."), "A-per-group": ("tab:purple", "--"),
     "A-kind-weights": ("tab:purple", "-."), "A-no-rms-correction": ("tab:cyan", ":"),
-    "A-hidden-0.1": ("tab:pink", "-."), "A-early": ("tab:brown", "--"), "A-early-kind-weights": ("tab:brown", "-."),
+    "A-hidden-0.1": ("tab:pink", "-."),
+    "A-hidden-0.05": ("tab:pink", ":"), "A-hidden-0.02": ("tab:gray", "-."), "A-early": ("tab:brown", "--"), "A-early-kind-weights": ("tab:brown", "-."),
+    "A-late-kind-weights": ("tab:brown", ":"), "A-taylor-kind-weights": ("tab:pink", "--"),
     "B1": ("tab:orange", "-"), "B2": ("tab:red", "-"), "B3": ("tab:red", ":"),
     "C1": ("tab:green", "-"), "C2": ("tab:olive", "-"),
 }
@@ -204,7 +206,7 @@ def main(root: Path, docs: Path) -> None:
     results = {**recorded_elsewhere(docs / "quality.json", measured), **measured}
     record = {"results": dict(sorted(results.items())), "summary": summarise(results)}
     (docs / "quality.json").write_text(json.dumps(record, indent=1))
-    for source, seeds in results.items():
+    for source, seeds in measured.items():  # the figures of the others stay as committed
         seed_dir = root / source / sorted(seeds)[0]
         plot_bpb(seed_dir, docs / f"quality-{source}-bpb.png",
                  f"{source}: held-out bits per byte vs tokens ({seed_dir.name})")
