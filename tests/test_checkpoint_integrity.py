@@ -41,7 +41,7 @@ def test_a_changed_byte_of_the_same_size_is_caught_and_fallback_loads_the_previo
 def test_a_replaced_checkpoint_left_behind_by_a_crash_is_removed_by_the_next_save(trainer):
     _step(trainer, 0)
     checkpoint.save(trainer, trainer.save_dir)
-    leftover = trainer.save_dir / "iter_0000001.old"  # what a crash inside _replace_dir leaves
+    leftover = trainer.save_dir / "iter_0000001.old"  # what a crash inside replace_dir leaves
     (trainer.save_dir / "iter_0000001").rename(leftover)
     checkpoint.save(trainer, trainer.save_dir)
     assert not leftover.exists()

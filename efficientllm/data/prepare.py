@@ -7,7 +7,6 @@ or English documentation text) is tokenised into the run directory once, on rank
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
+from efficientllm.atomic import write_atomically
 from efficientllm.config import Config
 from efficientllm.data import DataError
 from efficientllm.data.corpus import builtin_corpus, corpus_record
@@ -74,9 +74,7 @@ def _default_corpus(config: Config, data_dir: Path) -> dict[str, Any]:
         "train": preprocess_files(split.train, tokenizer, data_dir / "train"),
         "valid": preprocess_files(split.heldout, tokenizer, data_dir / "valid"),
     }
-    tmp = record_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, record_path)
+    write_atomically(record_path, json.dumps(record, indent=1, default=str))
     return record
 
 

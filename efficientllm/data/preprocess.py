@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
+from efficientllm.atomic import temporary_sibling
 from efficientllm.data import DataError
 from efficientllm.data.jsonl import json_lines
 from efficientllm.data.tokenizer import Tokenizer
@@ -55,7 +56,7 @@ def preprocess_files(
             raise DataError(f"preprocess input {path} not found; give text or .jsonl files")
     prefix = Path(output_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp = prefix.with_name(f".{prefix.name}.tmp-{os.getpid()}")
+    tmp = temporary_sibling(prefix)
     tmp_bin, tmp_idx = f"{tmp}.bin", f"{tmp}.idx"
 
     dtype = DType.optimal_dtype(tokenizer.vocab_size)

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import sentencepiece as spm
 from megatron.core.tokenizers import MegatronTokenizerBase
 
+from efficientllm.atomic import write_atomically
 from efficientllm.data import DataError
 
 # sentencepiece's fixed ids are unk=0, bos=1, eos=2; give pad its own id so megatron's dataset
@@ -312,9 +313,4 @@ def train_tokenizer(
         raise DataError(
             f"cannot train a {vocab_size}-piece tokenizer on {len(paths)} files: {reason}"
         ) from None
-    out = Path(model_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, out)
-    return _load_sentencepiece(out)
+    return _load_sentencepiece(write_atomically(model_path, model.getvalue()))

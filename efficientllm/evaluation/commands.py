@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from efficientllm.atomic import write_atomically
 from efficientllm.evaluation import EvaluationError
 from efficientllm.reporting.run import EVAL_DIR
 
@@ -149,15 +149,7 @@ def default_output(model: Path, kind: str) -> Path | None:
 
 
 def write_json(path: Path, record: dict[str, Any]) -> Path:
-    """Write atomically: a temporary name in the same directory, renamed when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomically(path, json.dumps(record, indent=1, default=str) + "\n")
 
 
 def _finish(args: argparse.Namespace, kind: str, record: dict[str, Any], table: str) -> int:

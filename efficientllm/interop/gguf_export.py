@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from efficientllm.architecture import Architecture
+from efficientllm.atomic import temporary_sibling
 from efficientllm.interop.errors import ExportError
 from efficientllm.interop.gguf_vocab import read_vocab
 from efficientllm.interop.hf_weights import hf_shapes
@@ -130,7 +131,7 @@ def export_gguf(source: ExportSource, out_path: str | Path, dtype: str = "f32") 
     vocab = read_vocab(source.tokenizer_dir, source.arch.vocab_size)
     out = Path(out_path)
     _check_output(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temporary_sibling(out)
     try:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf_architecture(source.arch)])
         _add_hparams(writer, source, dtype)

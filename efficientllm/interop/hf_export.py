@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from efficientllm.architecture import Architecture, LayerWidths
+from efficientllm.atomic import temporary_sibling
 from efficientllm.interop import hf_modeling
 from efficientllm.interop.errors import ExportError
 from efficientllm.interop.source import ExportSource
@@ -158,7 +159,7 @@ def write_hf(source: ExportSource, out_dir: str | Path, *, padded: bool = False)
     if out.exists():
         raise ExportError(f"output {out} already exists; give a new directory")
     config, state, kind = hf_model(source, padded)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temporary_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         shutil.copytree(source.tokenizer_dir, tmp)

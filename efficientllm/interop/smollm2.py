@@ -8,11 +8,11 @@ dict, then saved as safetensors with the tokenizer. The directory is cached besi
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 from efficientllm import assets
+from efficientllm.atomic import fresh_sibling_dir, publish_dir
 
 NAME = "SmolLM2-135M-Instruct"
 
@@ -33,16 +33,11 @@ def smollm2_hf_dir() -> Path:
     model.load_state_dict(loaded.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_sibling_dir(dest)
     try:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not (dest / "config.json").is_file():  # not another process finishing first
-                raise
+        publish_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -9,12 +9,12 @@ The report directory is built under a temporary name and renamed into place when
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from efficientllm.architecture import Architecture
+from efficientllm.atomic import fresh_sibling_dir, replace_dir
 from efficientllm.reporting import figures
 from efficientllm.reporting.run import RunData, read_run
 
@@ -25,13 +25,11 @@ def write_report(run_dir: str | Path, compare: Sequence[str | Path] = (), output
     """Write the report of `run_dir` (and the runs to compare with it); returns report.md."""
     runs = [read_run(run_dir)] + [read_run(path) for path in compare]
     out = Path(output) if output else Path(run_dir) / "report"
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_sibling_dir(out)
     try:
         made = {name: plot(runs, tmp / f"{name}.png") for name, plot in _FIGURES.items()}
         (tmp / REPORT_FILE).write_text(render(runs, {k: v.name for k, v in made.items() if v}))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / REPORT_FILE
@@ -44,14 +42,6 @@ _FIGURES: dict[str, Callable[[Sequence[RunData], Path], Path | None]] = {
     "widths": figures.plot_widths,
     "training_evals": figures.plot_training_evals,
 }
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    if dst.exists():
-        os.rename(dst, old)
-    os.rename(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----- Markdown ---------------------------------------------------------------------------------

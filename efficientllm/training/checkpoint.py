@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -46,6 +45,7 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from efficientllm.atomic import OLD_SUFFIX, fsync_dir, fsync_file, replace_dir, write_atomically
 from efficientllm.architecture import Architecture
 
 if TYPE_CHECKING:
@@ -77,7 +77,6 @@ RNG_DIR = "rng"
 TOKENIZER_DIR = "tokenizer"
 MANIFEST = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
-OLD_SUFFIX = ".old"  # a replaced checkpoint of the same iteration, until it is deleted
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 # The distributed optimizer's layout in the checkpoint: gathered over DP into one tensor per
 # parameter state, so it reshards over TP/PP/DP like the model (megatron-core 0.16 no longer
@@ -118,31 +117,6 @@ def read_tracker(save_dir: str | Path) -> int | None:
     return int(text)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync_file(path)
-    except OSError:  # some filesystems do not allow syncing a directory
-        pass
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _files_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
@@ -173,12 +147,12 @@ def write_manifest(ckpt_dir: Path, crcs: dict[str, int] | None = None) -> None:
     crcs = crcs or {}
     files = {}
     for path in _checkpoint_files(ckpt_dir):
-        _fsync_file(path)
+        fsync_file(path)
         name = str(path.relative_to(ckpt_dir))
         files[name] = {"size": path.stat().st_size, "crc32": crcs[name] if name in crcs else crc32_of(path)}
     for sub in {p.parent for p in _files_under(ckpt_dir)}:
-        _fsync_dir(sub)
-    _write_atomically(ckpt_dir / MANIFEST, json.dumps({"format": FORMAT, "files": files}, indent=1))
+        fsync_dir(sub)
+    write_atomically(ckpt_dir / MANIFEST, json.dumps({"format": FORMAT, "files": files}, indent=1), durable=True)
 
 
 def verify(ckpt_dir: str | Path) -> dict[str, Any]:
@@ -467,7 +441,7 @@ def save(trainer: "Run", save_dir: str | Path) -> Path:
     local = {name: obj.local_state_dict() for name, obj in trainer.checkpointables.items()
              if hasattr(obj, "local_state_dict")}
     torch.save({"rng": rng_state(), "local": local}, _rng_file(partial, rank))
-    _fsync_file(_rng_file(partial, rank))
+    fsync_file(_rng_file(partial, rank))
     if rank == 0:
         torch.save(_trainer_state(trainer), partial / TRAINER_STATE)
         (partial / META).write_text(json.dumps(_meta(trainer), indent=1))
@@ -479,24 +453,11 @@ def save(trainer: "Run", save_dir: str | Path) -> Path:
     dist.all_gather_object(shares, crc32_share(partial, rank, dist.get_world_size()))
     if rank == 0:
         write_manifest(partial, {name: crc for share in shares for name, crc in share.items()})
-        _replace_dir(partial, final)
-        _write_atomically(save_dir / TRACKER, f"{trainer.state.iteration}\n")
+        replace_dir(partial, final)
+        write_atomically(save_dir / TRACKER, f"{trainer.state.iteration}\n", durable=True)
         remove_old(save_dir, trainer.config.checkpoint.keep_last)
     dist.barrier()
     return final
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename a complete checkpoint into place (replacing one of the same iteration)."""
-    if dst.exists():
-        trash = dst.with_name(dst.name + OLD_SUFFIX)
-        shutil.rmtree(trash, ignore_errors=True)
-        os.rename(dst, trash)
-        os.rename(src, dst)
-        shutil.rmtree(trash)
-    else:
-        os.rename(src, dst)
-    _fsync_dir(dst.parent)
 
 
 def remove_old(save_dir: Path, keep_last: int) -> None:
@@ -544,8 +505,8 @@ def save_model_weights(chunks: list[Any], save_dir: str | Path, config: "Config"
     dist.barrier()
     if rank == 0:
         write_manifest(partial)
-        _replace_dir(partial, final)
-        _write_atomically(save_dir / TRACKER, "0\n")
+        replace_dir(partial, final)
+        write_atomically(save_dir / TRACKER, "0\n", durable=True)
     dist.barrier()
     return final
 
