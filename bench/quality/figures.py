@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from efficientllm.architecture import Architecture  # noqa: E402
+from efficientllm.atomic import write_atomically  # noqa: E402
 
 ARM_STYLE = {  # colour per family, line style per variant
     "source": ("black", ":"), "A": ("tab:blue", "-"), "A-no-obs": ("tab:cyan", "--"),
@@ -205,7 +206,7 @@ def main(root: Path, docs: Path) -> None:
     measured = collect(root)
     results = {**recorded_elsewhere(docs / "quality.json", measured), **measured}
     record = {"results": dict(sorted(results.items())), "summary": summarise(results)}
-    (docs / "quality.json").write_text(json.dumps(record, indent=1))
+    write_atomically(docs / "quality.json", json.dumps(record, indent=1))
     for source, seeds in measured.items():  # the figures of the others stay as committed
         seed_dir = root / source / sorted(seeds)[0]
         plot_bpb(seed_dir, docs / f"quality-{source}-bpb.png",
