@@ -51,6 +51,11 @@ _HIDDEN_QUARTER = {"prune": {"kind_weights": {"hidden": 0.25}}}
 ABLATIONS: dict[str, Any] = {
     "A-no-obs": {"prune": {"compensation": "none"}},
     "A-taylor": {"saliency": {"criterion": "taylor"}},
+    "A-group-fisher": {"saliency": {"criterion": "group_fisher"}},
+    "A-group-fisher-hidden-0.5": {"saliency": {"criterion": "group_fisher"}, "prune": {"kind_weights": {"hidden": 0.5}}},
+    "A-group-fisher-slow-ema": {"saliency": {"criterion": "group_fisher", "ema_beta": 0.97}},
+    "A-group-fisher-every-4": {"saliency": {"criterion": "group_fisher"}, "prune": {"interval": 4}},
+    "A-hidden-0.1-every-4": {"prune": {"kind_weights": {"hidden": 0.1}, "interval": 4}},
     "A-per-group": {"prune": {"normalisation": "per_group"}},
     "A-kind-weights": _HIDDEN_QUARTER,
     "A-hidden-0.1": {"prune": {"kind_weights": {"hidden": 0.1}}},
