@@ -162,7 +162,7 @@ class PruneConfig:
     hidden_rms_correction: bool = True
 
 
-SALIENCY_CRITERIA = ("fisher", "taylor", "activation")
+SALIENCY_CRITERIA = ("fisher", "taylor", "group_fisher", "activation")
 SALIENCY_KINDS = ("head", "ffn", "hidden", "layer")
 
 
@@ -171,7 +171,8 @@ class SaliencyConfig:
     """Per-shard saliency accumulators and local Hessians (pruning/megatron/saliency.py, hessian.py).
 
     `criterion`: fisher = EMA of ½Σ g²w² (optimal brain damage, empirical Fisher diagonal);
-    taylor = |EMA of Σ g w| for every kind; activation = Minitron's activation magnitudes over the
+    taylor = |EMA of Σ g w| for every kind; group_fisher = EMA of ½(Σ g w)² over each group (the
+    empirical Fisher of a mask on the group, cross terms kept); activation = Minitron's activation magnitudes over the
     window's batches (pruning/megatron/hessian.py). `hessian_window`: batches before a pruning
     event over which the consumer matrices' H = Σ XᵀX (and activation magnitudes) are collected. `kinds`: which groups are scored ("head" also
     scores the KV groups' k/v rows)."""

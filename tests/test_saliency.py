@@ -88,6 +88,8 @@ def brute_force(model, arch: Architecture, criterion: str) -> dict:
         score = lambda x: 0.5 * (x ** 2).sum().item()
     elif criterion == "taylor":
         score = lambda x: abs(x.sum().item())
+    elif criterion == "group_fisher":
+        score = lambda x: 0.5 * x.sum().item() ** 2
     else:  # "signed": the first-order term before its absolute value
         score = lambda x: x.sum().item()
     table = {"head": [], "kv_group": [], "ffn": []}
@@ -126,7 +128,7 @@ def assert_tables_close(a: dict, b: dict, rtol: float = 1e-5) -> None:
         torch.testing.assert_close(xs, ys, rtol=rtol, atol=rtol * ys.abs().max().item(), msg=kind)
 
 
-@pytest.mark.parametrize("criterion", ["fisher", "taylor"])
+@pytest.mark.parametrize("criterion", ["fisher", "taylor", "group_fisher"])
 def test_each_group_score_equals_the_brute_force_sum_over_the_full_weights(single_rank, criterion):
     arch = tiny_arch()
     model, optimizer = build(arch)
@@ -179,6 +181,28 @@ def test_scores_are_an_exponential_moving_average_over_steps(single_rank):
     for s in per_step[1:]:
         ema = beta * ema + (1 - beta) * s["hidden"]
     torch.testing.assert_close(global_score_table(acc)["hidden"], ema, rtol=1e-5, atol=0)
+
+
+def test_group_fisher_averages_the_squared_group_sum_not_the_square_of_its_average(single_rank):
+    # The mask's Fisher is E[(dL/dm)^2]: a group whose gradient sum flips sign between steps
+    # keeps its second moment, where the square of the averaged (Taylor) sum cancels.
+    arch = tiny_arch()
+    model, optimizer = build(arch)
+    beta = 0.5
+    acc = SaliencyAccumulator(model, arch, SaliencyConfig(enabled=True, criterion="group_fisher", ema_beta=beta))
+    signed = []
+    for step in range(2):
+        train_step(model, optimizer, step, arch.vocab_size,
+                   lambda: (acc.update(), signed.append(_kinds(brute_force(model, arch, "signed")))))
+    table = _kinds(global_score_table(acc))
+    for kind in table:
+        first, second = signed[0][kind], signed[1][kind]
+        expected = 0.5 * (beta * first ** 2 + (1 - beta) * second ** 2)
+        torch.testing.assert_close(table[kind], expected, rtol=1e-5, atol=1e-5 * expected.max().item(), msg=kind)
+        square_of_average = 0.5 * (beta * first + (1 - beta) * second) ** 2
+        assert (table[kind] >= square_of_average * (1 - 1e-6)).all(), kind
+        if kind in ("head", "ffn", "hidden"):
+            assert not torch.allclose(table[kind], square_of_average, rtol=1e-3), kind
 
 
 def _kinds(table: dict) -> dict[str, torch.Tensor]:

@@ -29,6 +29,10 @@ ARM_STYLE = {  # colour per family, line style per variant
     "A-hidden-0.1": ("tab:pink", "-."),
     "A-hidden-0.05": ("tab:pink", ":"), "A-hidden-0.02": ("tab:gray", "-."), "A-early": ("tab:brown", "--"), "A-early-kind-weights": ("tab:brown", "-."),
     "A-late-kind-weights": ("tab:brown", ":"), "A-taylor-kind-weights": ("tab:pink", "--"),
+    "A-hidden-0.1-every-4": ("navy", "-"), "A-hidden-0.1-every-8": ("navy", "--"),
+    "A-group-fisher": ("teal", "-"), "A-group-fisher-hidden-0.5": ("teal", "--"),
+    "A-group-fisher-slow-ema": ("teal", ":"), "A-group-fisher-every-4": ("teal", "-."),
+    "A-group-fisher-hidden-0.5-every-4": ("darkgoldenrod", "-."),
     "B1": ("tab:orange", "-"), "B2": ("tab:red", "-"), "B3": ("tab:red", ":"),
     "C1": ("tab:green", "-"), "C2": ("tab:olive", "-"),
 }
@@ -119,9 +123,10 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot_bpb(seed_dir: Path, out: Path, title: str) -> Path | None:
-    """Held-out bits per byte vs tokens after the source, every arm of one seed on one axis."""
-    fig, ax = plt.subplots(figsize=(8.5, 5))
-    drawn = 0
+    """Held-out bits per byte vs tokens after the source, every arm of one seed on one axis;
+    beside it the final figures ranked, where the arms' stars lie too close to tell apart."""
+    fig, (ax, ranked) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    drawn, finals = 0, []
     source_final = _final(seed_dir / "source")
     for arm_dir in sorted(seed_dir.iterdir()):
         if not arm_dir.is_dir() or arm_dir.name == "source":
@@ -140,6 +145,8 @@ def plot_bpb(seed_dir: Path, out: Path, title: str) -> Path | None:
         if final and final.get("train_tokens"):
             ax.plot([final["train_tokens"] / 1e6], [final["bits_per_byte"]], "*", color=colour, markersize=11,
                     label=None if points else arm_dir.name)
+        if final:
+            finals.append((final["bits_per_byte"], arm_dir.name, colour))
         drawn += 1
     if source_final:
         ax.axhline(source_final["bits_per_byte"], color="black", linestyle=":", label="source, final evaluation")
@@ -150,7 +157,16 @@ def plot_bpb(seed_dir: Path, out: Path, title: str) -> Path | None:
     ax.set_ylabel("held-out bits per byte (lower is better)\nlines: during training, first 40 kB; stars: final evaluation")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(ncol=2, fontsize=8)
+    ax.legend(ncol=2, fontsize=7)
+    finals.sort(reverse=True)  # the best at the top
+    for y, (bpb, name, colour) in enumerate(finals):
+        ranked.plot([bpb], [y], "o", color=colour)
+    ranked.set_yticks(range(len(finals)), [name for _, name, _ in finals], fontsize=8)
+    if source_final:
+        ranked.axvline(source_final["bits_per_byte"], color="black", linestyle=":")
+    ranked.set_xlabel("final held-out bits per byte (lower is better)")
+    ranked.set_title("final figures, ranked")
+    ranked.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -118,7 +118,7 @@ class PruningPass:
 
     def _attach(self) -> None:
         t = self.trainer
-        self.saliency = SaliencyAccumulator(t.model, t.arch, t.config.saliency)
+        self.saliency = SaliencyAccumulator(t.model, t.arch, t.config.saliency, hidden_sum=sync.sum_over_model_parallel)
         self.window = self._new_window()
 
     def _new_window(self) -> HessianCollector | None:

@@ -76,12 +76,13 @@ def test_score_table_and_hessians_at_tp2pp2_equal_tp1pp1(config, base, tmp_path)
         4, config, tmp_path / "tp2pp2",
         "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
     )
-    for crit in ("fisher", "taylor", "activation"):
+    for crit in ("fisher", "taylor", "group_fisher", "activation"):
         for r in ranks:  # identical on every rank, bit for bit
             for kind, value in r["tables"][crit].items():
                 assert torch.equal(_flat(r["tables"][crit], kind), _flat(ranks[0]["tables"][crit], kind))
         _assert_tables_close(ranks[0]["tables"][crit], base["tables"][crit])
     assert set(base["tables"]["fisher"]) == {"head", "kv_group", "ffn", "hidden", "layer"}
+    assert (base["tables"]["group_fisher"]["hidden"] > 0).all()  # summed over stages, not left at zero
 
     seen = set()
     for r in ranks:
@@ -109,7 +110,7 @@ def test_data_parallel_and_sequence_parallel_average_to_the_same_table(config, b
         4, config, tmp_path / "tp2dp2",
         "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true",
     )
-    for crit in ("fisher", "taylor", "activation"):
+    for crit in ("fisher", "taylor", "group_fisher", "activation"):
         _assert_tables_close(ranks[0]["tables"][crit], base["tables"][crit])
     for r in ranks:
         for key, h in r["hessians"].items():

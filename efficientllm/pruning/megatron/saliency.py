@@ -6,6 +6,16 @@ Per step, for every group g this rank holds a part of:
 
 - fisher: ½ Σ_{i∈g} g_i² w_i²  (optimal brain damage with the empirical Fisher diagonal)
 - taylor: Σ_{i∈g} g_i w_i       (the signed first-order loss change of removing g)
+- group_fisher: ½ (Σ_{i∈g} g_i w_i)²  (the empirical Fisher of a mask on g: the second-order
+  loss change of removing the whole group with its cross terms, which the diagonal drops)
+
+The three are in the same unit for every kind (a loss change), but the diagonal of a group of n
+parameters misses its n² − n cross terms, and kinds differ in n and in how coherent their
+gradients are: on the tiny source the diagonal priced a middle layer's FFN channel ~26,000× below
+its measured loss change, layer 0's ~3,800× and a hidden channel ~900× (docs/RESULTS.md). The
+group Fisher keeps the cross terms. A hidden channel's group spans every layer and stage, so its per-step sum is
+completed over the model-parallel group (`hidden_sum`, one all-reduce of [h] per step) before it
+is squared; every other group lives on one TP rank.
 
 A hidden channel's sums run over its matrix columns and rows only, not over the RMSNorm weights
 in front of its consumers. Such a weight only scales the consumer columns it feeds: per step
@@ -30,12 +40,13 @@ the layer score is accumulated here; the other kinds are scored from the window'
 A step is folded in two halves: `observe()` after the schedule ran (gradients reduced over DP)
 and before `optimizer.step()`, then `commit()` if the optimizer applied the step or `discard()`
 if it skipped it (found inf/nan), so a non-finite gradient never enters the averages. `update()`
-does both. Nothing here uses a collective: under megatron's distributed optimizer with DP > 1
+does both. Nothing here calls a collective but `hidden_sum` (group_fisher only): under megatron's distributed optimizer with DP > 1
 the caller first completes the reduce-scattered gradients (`sync.complete_reduce_scattered_grads`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,6 +59,12 @@ from efficientllm.pruning.megatron.groups import LocalLayer, ShardGroups, shard_
 from efficientllm.pruning.plan import Plan
 
 _STAT_DTYPE = torch.float64  # accumulators are tiny; fp64 keeps layouts within round-off
+_GROUP_STATS = ("fisher", "taylor", "group_fisher")
+_GROUP_KINDS = ("kv_group", "head", "ffn")  # the prefixes of the per-layer statistics' keys
+
+
+def _kind_of(key: str) -> str:
+    return next(kind for kind in _GROUP_KINDS if key.startswith(kind + "_"))
 
 
 def _grad(param: torch.nn.Parameter) -> torch.Tensor | None:
@@ -79,11 +96,17 @@ class SaliencyAccumulator:
     """EMA saliency statistics of every group on this rank (see the module docstring).
 
     `stats[layer]` (global 0-based layer) holds, per local group in global order:
-    head_fisher, head_taylor, kv_group_fisher, kv_group_taylor, ffn_fisher, ffn_taylor (taylor
-    signed) and `cos` (a 0-d tensor); `hidden_fisher` / `hidden_taylor` are [h] partial sums."""
+    {head,kv_group,ffn}_{fisher,taylor,group_fisher} (taylor signed) and `cos` (a 0-d tensor);
+    `hidden_fisher` / `hidden_taylor` are [h] partial sums, `hidden_group_fisher` the complete
+    [h] scores (accumulated only under `criterion: group_fisher`).
 
-    def __init__(self, model: list[torch.nn.Module], arch: Architecture, config: SaliencyConfig | None = None):
+    `hidden_sum` completes a [h] vector of per-step partial sums over the model-parallel group
+    (`sync.sum_over_model_parallel`); the default, identity, is right for one model-parallel rank."""
+
+    def __init__(self, model: list[torch.nn.Module], arch: Architecture, config: SaliencyConfig | None = None,
+                 hidden_sum: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.config = config or SaliencyConfig(enabled=True)
+        self.hidden_sum = hidden_sum or (lambda partial: partial)
         self.kinds = set(self.config.kinds)
         self.steps = 0
         self._hooks: list[Any] = []
@@ -112,15 +135,13 @@ class SaliencyAccumulator:
         self.stats: dict[int, dict[str, torch.Tensor]] = {}
         for l in self.groups.layers:
             nh, ng, nf = len(l.global_heads), len(l.global_kv_groups), len(l.global_ffn)
-            self.stats[l.layer] = {
-                "head_fisher": self._zeros(nh), "head_taylor": self._zeros(nh),
-                "kv_group_fisher": self._zeros(ng), "kv_group_taylor": self._zeros(ng),
-                "ffn_fisher": self._zeros(nf), "ffn_taylor": self._zeros(nf),
-                "cos": self._zeros(1)[0],
-            }
+            sizes = {"head": nh, "kv_group": ng, "ffn": nf}
+            self.stats[l.layer] = {f"{kind}_{stat}": self._zeros(n) for kind, n in sizes.items() for stat in _GROUP_STATS}
+            self.stats[l.layer]["cos"] = self._zeros(1)[0]
         h = self.arch.hidden_size
         self.hidden_fisher = self._zeros(h)
         self.hidden_taylor = self._zeros(h)
+        self.hidden_group_fisher = self._zeros(h)
 
     def _layer_hook(self, layer: int):
         def hook(module, args, kwargs, output):
@@ -193,6 +214,8 @@ class SaliencyAccumulator:
                     _fold_hidden(hidden_f, hidden_t, p, touch.dim)
             self._queue(self.hidden_fisher, hidden_f)
             self._queue(self.hidden_taylor, hidden_t)
+            if self.config.criterion == "group_fisher":
+                self._queue(self.hidden_group_fisher, 0.5 * self.hidden_sum(hidden_t.clone()).square())
 
     def _attention(self, local: LocalLayer, s, hidden_f, hidden_t, want_heads: bool) -> None:
         qkv, proj = _products(local.qkv), _products(local.proj)
@@ -203,10 +226,13 @@ class SaliencyAccumulator:
             cols_f, cols_t = _sums(proj, 0)
             head_f = rows_f[local.head_qkv_rows].sum(1) + cols_f[local.head_proj_cols].sum(1)
             head_t = rows_t[local.head_qkv_rows].sum(1) + cols_t[local.head_proj_cols].sum(1)
+            kv_t = rows_t[local.kv_qkv_rows].sum(1)
             self._queue(s["head_fisher"], 0.5 * head_f)
             self._queue(s["head_taylor"], head_t)
+            self._queue(s["head_group_fisher"], 0.5 * head_t.square())
             self._queue(s["kv_group_fisher"], 0.5 * rows_f[local.kv_qkv_rows].sum(1))
-            self._queue(s["kv_group_taylor"], rows_t[local.kv_qkv_rows].sum(1))
+            self._queue(s["kv_group_taylor"], kv_t)
+            self._queue(s["kv_group_group_fisher"], 0.5 * kv_t.square())
         if hidden_f is not None:
             for p, dim in ((qkv, 0), (proj, 1)):
                 _fold_hidden(hidden_f, hidden_t, p, dim)
@@ -218,8 +244,10 @@ class SaliencyAccumulator:
         if want_ffn:
             rows_f, rows_t = _sums(fc1, 1)
             cols_f, cols_t = _sums(fc2, 0)
+            ffn_t = rows_t[local.ffn_fc1_rows].sum(1) + cols_t[local.ffn_fc2_cols]
             self._queue(s["ffn_fisher"], 0.5 * (rows_f[local.ffn_fc1_rows].sum(1) + cols_f[local.ffn_fc2_cols]))
-            self._queue(s["ffn_taylor"], rows_t[local.ffn_fc1_rows].sum(1) + cols_t[local.ffn_fc2_cols])
+            self._queue(s["ffn_taylor"], ffn_t)
+            self._queue(s["ffn_group_fisher"], 0.5 * ffn_t.square())
         if hidden_f is not None:
             for p, dim in ((fc1, 0), (fc2, 1)):
                 _fold_hidden(hidden_f, hidden_t, p, dim)
@@ -233,6 +261,7 @@ class SaliencyAccumulator:
             "layers": {l: {k: v.clone() for k, v in s.items()} for l, s in self.stats.items()},
             "hidden_fisher": self.hidden_fisher.clone(),
             "hidden_taylor": self.hidden_taylor.clone(),
+            "hidden_group_fisher": self.hidden_group_fisher.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -243,12 +272,14 @@ class SaliencyAccumulator:
                 f"with layers {sorted(self.stats)} (reset the accumulators to resume at another layout)"
             )
         for l, s in state["layers"].items():
-            for k, v in s.items():
+            for k, v in s.items():  # a state saved before a statistic existed leaves it at zero
                 if v.shape != self.stats[l][k].shape:
                     raise ValueError(f"saliency state: layer {l} {k} has shape {tuple(v.shape)}, expected {tuple(self.stats[l][k].shape)}")
                 self.stats[l][k].copy_(v)
         self.hidden_fisher.copy_(state["hidden_fisher"])
         self.hidden_taylor.copy_(state["hidden_taylor"])
+        if "hidden_group_fisher" in state:
+            self.hidden_group_fisher.copy_(state["hidden_group_fisher"])
         self.steps = int(state["steps"])
 
     # ----- after a pruning event ---------------------------------------------------------
@@ -272,11 +303,12 @@ class SaliencyAccumulator:
             }
             new_l = l - sum(1 for r in removed_layers if r < l)
             kept[new_l] = {
-                k: (v if k == "cos" else v[torch.tensor(keep[k.rsplit("_", 1)[0]], dtype=torch.long, device=v.device)])
+                k: (v if k == "cos" else v[torch.tensor(keep[_kind_of(k)], dtype=torch.long, device=v.device)])
                 for k, v in s.items()
             }
         hidden = kept_hidden(old_arch, plan.hidden).to(self.hidden_fisher.device)
         hidden_f, hidden_t, steps = self.hidden_fisher[hidden], self.hidden_taylor[hidden], self.steps
+        hidden_g = self.hidden_group_fisher[hidden]
         self.remove()
         self._bind(model, new_arch)
         self._reset_stats()
@@ -285,6 +317,7 @@ class SaliencyAccumulator:
         ):
             return  # the shards moved (uneven per-rank removal): start the statistics afresh
         self.stats, self.hidden_fisher, self.hidden_taylor, self.steps = kept, hidden_f, hidden_t, steps
+        self.hidden_group_fisher = hidden_g
 
     def reset(self) -> None:
         self._reset_stats()

@@ -10,6 +10,8 @@
     are replicated), divided by the DP size;
   * layer: the mean over TP (sequence-parallel ranks see different tokens) and DP;
   * taylor scores of every kind are |·| of the summed signed EMA, taken here;
+  * group_fisher hidden scores are complete on every rank (`sum_over_model_parallel` ran per
+    step) and are written by TP rank 0 of the first PP stage only;
   * activation scores (Minitron) come from the window's DP-reduced activation magnitudes
     instead of the accumulators (`HessianCollector.activation_scores`); a KV group's k/v rows
     have no activation of their own and score 0, so a group is worth its heads.
@@ -19,6 +21,8 @@
 - `reduce_hessians_to_owners`, `share_from_owners`, `gather_over_dp`: an event's OBS
   (`obs.consumer_updates`): each compensated consumer's Hessian summed onto one DP rank, which
   factors it and broadcasts the small update to the others; fallback reasons gathered.
+- `sum_over_model_parallel(partial)`: a hidden channel's per-step partial sums completed over
+  TP and PP, for the group Fisher (`SaliencyAccumulator(hidden_sum=...)`).
 - `check_plan_identical(plan)`: the Plan's checksum compared across all ranks.
 - `complete_reduce_scattered_grads(model)`: under megatron's distributed optimizer with DP > 1
   each rank's `main_grad` holds the DP-averaged gradient only in the shard of each grad-buffer
@@ -69,7 +73,10 @@ def _local_scores(acc: SaliencyAccumulator, criterion: str, window: HessianColle
     if criterion != "activation":
         layers = {l: (s[f"head_{criterion}"], s[f"kv_group_{criterion}"], s[f"ffn_{criterion}"])
                   for l, s in acc.stats.items()}
-        return layers, acc.hidden_fisher if criterion == "fisher" else acc.hidden_taylor
+        if criterion != "group_fisher":
+            return layers, acc.hidden_fisher if criterion == "fisher" else acc.hidden_taylor
+        writer = acc.groups.tp_rank == 0 and parallel_state.get_pipeline_model_parallel_rank() == 0
+        return layers, acc.hidden_group_fisher if writer else torch.zeros_like(acc.hidden_group_fisher)
     if window is None:
         raise ValueError("saliency criterion 'activation' needs the window's activations (window=...)")
     layers, hidden = {}, torch.zeros_like(acc.hidden_fisher)
@@ -158,6 +165,15 @@ def _sum_with_tokens(collector: HessianCollector, key, value: torch.Tensor, dp_g
             dist.all_reduce(value, group=group)
             dist.all_reduce(tokens, group=group)
     collector.tokens[key] = int(tokens.item())
+
+
+def sum_over_model_parallel(partial: torch.Tensor) -> torch.Tensor:
+    """`partial` summed in place over this rank's model-parallel group (its TP and PP ranks);
+    DP replicas already hold the same DP-reduced gradients."""
+    group = parallel_state.get_model_parallel_group()
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(partial, group=group)
+    return partial
 
 
 def check_plan_identical(plan: Plan, device: torch.device) -> None:

@@ -1,5 +1,5 @@
 """Worker for multi-rank saliency tests: train with accumulators on, open the Hessian window
-for the last steps, then write the global score tables (fisher, taylor, and Minitron's
+for the last steps, then write the global score tables (fisher, taylor, group_fisher, and Minitron's
 activations from the window) and this rank's reduced Hessians and residual energies.
 
 Usage: python tests/distributed/workers/saliency.py OUT_DIR CONFIG [KEY=VALUE ...]
@@ -9,6 +9,7 @@ Writes OUT_DIR/rank{R}.pt: {"tables", "hessians", "energies", "losses", "tp_rank
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -28,7 +29,9 @@ def main() -> None:
     trainer = Trainer(config)
     try:
         trainer.setup()
-        saliency = SaliencyAccumulator(trainer.model, trainer.arch, config.saliency)
+        # group_fisher: the hidden group sums are completed over TP and PP every step
+        scoring = dataclasses.replace(config.saliency, criterion="group_fisher")
+        saliency = SaliencyAccumulator(trainer.model, trainer.arch, scoring, hidden_sum=sync.sum_over_model_parallel)
         hessians = HessianCollector(trainer.model, trainer.arch, energies=True, activations=True)
         step = trainer.optimizer.step
 
@@ -47,7 +50,7 @@ def main() -> None:
                 hessians.open_window()
             losses.append(trainer.train_step(iterator)["loss"])
         hessians.close_window()
-        tables = {c: sync.global_score_table(saliency, c) for c in ("fisher", "taylor")}
+        tables = {c: sync.global_score_table(saliency, c) for c in ("fisher", "taylor", "group_fisher")}
         sync.reduce_window_over_dp(hessians)
         tables["activation"] = sync.global_score_table(saliency, "activation", window=hessians)
         torch.save(
