@@ -57,6 +57,8 @@ ABLATIONS: dict[str, Any] = {
     "A-group-fisher-every-4": {"saliency": {"criterion": "group_fisher"}, "prune": {"interval": 4}},
     "A-hidden-0.1-every-4": {"prune": {"kind_weights": {"hidden": 0.1}, "interval": 4}},
     "A-hidden-0.1-every-8": {"prune": {"kind_weights": {"hidden": 0.1}, "interval": 8}},
+    "A-hidden-0.1-every-8-window-8": {"prune": {"kind_weights": {"hidden": 0.1}, "interval": 8},
+                                      "saliency": {"hessian_window": 8}},
     "A-group-fisher-hidden-0.5-every-4": {"saliency": {"criterion": "group_fisher"},
                                           "prune": {"kind_weights": {"hidden": 0.5}, "interval": 4}},
     "A-per-group": {"prune": {"normalisation": "per_group"}},

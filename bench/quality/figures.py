@@ -30,6 +30,7 @@ ARM_STYLE = {  # colour per family, line style per variant
     "A-hidden-0.05": ("tab:pink", ":"), "A-hidden-0.02": ("tab:gray", "-."), "A-early": ("tab:brown", "--"), "A-early-kind-weights": ("tab:brown", "-."),
     "A-late-kind-weights": ("tab:brown", ":"), "A-taylor-kind-weights": ("tab:pink", "--"),
     "A-hidden-0.1-every-4": ("navy", "-"), "A-hidden-0.1-every-8": ("navy", "--"),
+    "A-hidden-0.1-every-8-window-8": ("navy", ":"),
     "A-group-fisher": ("teal", "-"), "A-group-fisher-hidden-0.5": ("teal", "--"),
     "A-group-fisher-slow-ema": ("teal", ":"), "A-group-fisher-every-4": ("teal", "-."),
     "A-group-fisher-hidden-0.5-every-4": ("darkgoldenrod", "-."),
