@@ -172,8 +172,8 @@ class SaliencyConfig:
 
     `criterion`: fisher = EMA of ½Σ g²w² (optimal brain damage, empirical Fisher diagonal);
     taylor = |EMA of Σ g w| for every kind; group_fisher = EMA of ½(Σ g w)² over each group (the
-    empirical Fisher of a mask on the group, cross terms kept); activation = Minitron's activation magnitudes over the
-    window's batches (pruning/megatron/hessian.py). `hessian_window`: batches before a pruning
+    empirical Fisher of a mask on the group, cross terms kept); activation = Minitron's activation
+    magnitudes over the window's batches (pruning/megatron/hessian.py). `hessian_window`: batches before a pruning
     event over which the consumer matrices' H = Σ XᵀX (and activation magnitudes) are collected. `kinds`: which groups are scored ("head" also
     scores the KV groups' k/v rows)."""
 

@@ -183,18 +183,27 @@ def test_scores_are_an_exponential_moving_average_over_steps(single_rank):
     torch.testing.assert_close(global_score_table(acc)["hidden"], ema, rtol=1e-5, atol=0)
 
 
-def test_group_fisher_averages_the_squared_group_sum_not_the_square_of_its_average(single_rank):
-    # The mask's Fisher is E[(dL/dm)^2]: a group whose gradient sum flips sign between steps
-    # keeps its second moment, where the square of the averaged (Taylor) sum cancels.
+def _kinds(table: dict) -> dict[str, torch.Tensor]:
+    return {k: table[k] if k == "hidden" else torch.cat(table[k]) for k in ("head", "kv_group", "ffn", "hidden")}
+
+
+def _two_steps(criterion: str, beta: float) -> tuple[dict, list[dict]]:
+    """The score table after two steps at `beta`, and each step's signed group sums (brute force)."""
     arch = tiny_arch()
     model, optimizer = build(arch)
-    beta = 0.5
-    acc = SaliencyAccumulator(model, arch, SaliencyConfig(enabled=True, criterion="group_fisher", ema_beta=beta))
+    acc = SaliencyAccumulator(model, arch, SaliencyConfig(enabled=True, criterion=criterion, ema_beta=beta))
     signed = []
     for step in range(2):
         train_step(model, optimizer, step, arch.vocab_size,
                    lambda: (acc.update(), signed.append(_kinds(brute_force(model, arch, "signed")))))
-    table = _kinds(global_score_table(acc))
+    return _kinds(global_score_table(acc)), signed
+
+
+def test_group_fisher_averages_the_squared_group_sum_not_the_square_of_its_average(single_rank):
+    # The mask's Fisher is E[(dL/dm)^2]: a group whose gradient sum flips sign between steps
+    # keeps its second moment, where the square of the averaged (Taylor) sum cancels.
+    beta = 0.5
+    table, signed = _two_steps("group_fisher", beta)
     for kind in table:
         first, second = signed[0][kind], signed[1][kind]
         expected = 0.5 * (beta * first ** 2 + (1 - beta) * second ** 2)
@@ -205,20 +214,9 @@ def test_group_fisher_averages_the_squared_group_sum_not_the_square_of_its_avera
             assert not torch.allclose(table[kind], square_of_average, rtol=1e-3), kind
 
 
-def _kinds(table: dict) -> dict[str, torch.Tensor]:
-    return {k: table[k] if k == "hidden" else torch.cat(table[k]) for k in ("head", "kv_group", "ffn", "hidden")}
-
-
 def test_taylor_is_one_definition_for_every_kind_the_absolute_value_of_the_averaged_sum(single_rank):
-    arch = tiny_arch()
-    model, optimizer = build(arch)
     beta = 0.5
-    acc = SaliencyAccumulator(model, arch, SaliencyConfig(enabled=True, criterion="taylor", ema_beta=beta))
-    signed = []
-    for step in range(2):
-        train_step(model, optimizer, step, arch.vocab_size,
-                   lambda: (acc.update(), signed.append(_kinds(brute_force(model, arch, "signed")))))
-    table = _kinds(global_score_table(acc))
+    table, signed = _two_steps("taylor", beta)
     for kind in table:
         first, second = signed[0][kind], signed[1][kind]
         expected = (beta * first + (1 - beta) * second).abs()

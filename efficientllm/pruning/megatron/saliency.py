@@ -13,9 +13,9 @@ The three are in the same unit for every kind (a loss change), but the diagonal 
 parameters misses its n² − n cross terms, and kinds differ in n and in how coherent their
 gradients are: on the tiny source the diagonal priced a middle layer's FFN channel ~26,000× below
 its measured loss change, layer 0's ~3,800× and a hidden channel ~900× (docs/RESULTS.md). The
-group Fisher keeps the cross terms. A hidden channel's group spans every layer and stage, so its per-step sum is
-completed over the model-parallel group (`hidden_sum`, one all-reduce of [h] per step) before it
-is squared; every other group lives on one TP rank.
+group Fisher keeps the cross terms. A hidden channel's group spans every layer and stage, so its
+per-step sum is completed over the model-parallel group (`hidden_sum`, one all-reduce of [h] per
+step) before it is squared; every other group lives on one TP rank.
 
 A hidden channel's sums run over its matrix columns and rows only, not over the RMSNorm weights
 in front of its consumers. Such a weight only scales the consumer columns it feeds: per step
@@ -40,8 +40,9 @@ the layer score is accumulated here; the other kinds are scored from the window'
 A step is folded in two halves: `observe()` after the schedule ran (gradients reduced over DP)
 and before `optimizer.step()`, then `commit()` if the optimizer applied the step or `discard()`
 if it skipped it (found inf/nan), so a non-finite gradient never enters the averages. `update()`
-does both. Nothing here calls a collective but `hidden_sum` (group_fisher only): under megatron's distributed optimizer with DP > 1
-the caller first completes the reduce-scattered gradients (`sync.complete_reduce_scattered_grads`).
+does both. Nothing here calls a collective but `hidden_sum` (group_fisher only): under
+megatron's distributed optimizer with DP > 1 the caller first completes the reduce-scattered
+gradients (`sync.complete_reduce_scattered_grads`).
 """
 
 from __future__ import annotations
