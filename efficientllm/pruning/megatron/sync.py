@@ -112,8 +112,7 @@ def global_score_table(acc: SaliencyAccumulator, criterion: str | None = None,
         flat[ffn + ffns.start: ffn + ffns.stop] = ffn_scores / dp
         flat[layer_at + local.layer] = acc.stats[local.layer]["cos"] / (tp * dp)
     flat[hidden_at: hidden_at + arch.hidden_size] = hidden / dp
-    dist.all_reduce(flat)
-    dist.broadcast(flat, src=0)  # the same bits everywhere, whatever the reduction order
+    sum_everywhere(flat)
     if criterion == "taylor":
         flat[:layer_at].abs_()
     flat = flat.cpu()  # cpu-ok: the selection ranks a few floats per group on the host
@@ -128,6 +127,14 @@ def global_score_table(acc: SaliencyAccumulator, criterion: str | None = None,
     if "layer" in acc.kinds:
         table["layer"] = flat[layer_at: layer_at + arch.num_layers].clone()
     return table
+
+
+def sum_everywhere(flat: torch.Tensor) -> torch.Tensor:
+    """`flat` summed in place over the world, then broadcast from rank 0, so that every rank
+    holds the same bits whatever the reduction order."""
+    dist.all_reduce(flat)
+    dist.broadcast(flat, src=0)
+    return flat
 
 
 def reduce_window_over_dp(collector: HessianCollector, hessians: bool = True, energies: bool = True,
