@@ -23,6 +23,8 @@
   factors it and broadcasts the small update to the others; fallback reasons gathered.
 - `sum_over_model_parallel(partial)`: a hidden channel's per-step partial sums completed over
   TP and PP, for the group Fisher (`SaliencyAccumulator(hidden_sum=...)`).
+- `sum_everywhere(flat)`: a small table summed over the world, the same bits on every rank
+  (the score table; `obs.residual_factors`' share of each removal's error OBS leaves).
 - `check_plan_identical(plan)`: the Plan's checksum compared across all ranks.
 - `complete_reduce_scattered_grads(model)`: under megatron's distributed optimizer with DP > 1
   each rank's `main_grad` holds the DP-averaged gradient only in the shard of each grad-buffer
