@@ -179,7 +179,8 @@ class PruningPass:
         t = self.trainer
         if self.window is not None:
             self.window.close_window()
-            # The scores may read the window's activations; its Hessians wait for the Plan.
+            # The scores may read the window's activations; its Hessians wait for the Plan (or for
+            # `residual_factors`, which sums them onto their owners once).
             sync.reduce_window_over_dp(self.window, hessians=False, energies=False)
         scores = sync.global_score_table(self.saliency, window=self.window)
         left = {}
