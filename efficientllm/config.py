@@ -157,6 +157,9 @@ class PruneConfig:
     kind_weights: dict[str, float] = field(default_factory=dict)  # per-parameter weights per kind
     compensation: str = "obs"  # obs | none
     damping: float = 0.01
+    # Rank groups by what their OBS update leaves of the loss change: each score times the
+    # fraction of its consumer's output error the update cannot repair (pruning/megatron/obs.py).
+    score_after_compensation: bool = False
     # After a hidden removal, rescale every RMSNorm weight to keep its expected output scale
     # (pruning/norms.py); false only to measure what the correction is worth.
     hidden_rms_correction: bool = True
@@ -401,6 +404,9 @@ def _validate_ranges(config: "Config") -> None:
     _require(not (pr.enabled and pr.compensation == "obs" and config.saliency.hessian_window == 0),
              "saliency.hessian_window 0 collects no Hessians, so prune.compensation=obs would compensate "
              "nothing; set saliency.hessian_window >= 1 or prune.compensation=none")
+    _require(not (pr.enabled and pr.score_after_compensation and pr.compensation != "obs"),
+             "prune.score_after_compensation scores what the OBS update leaves, so it needs "
+             f"prune.compensation=obs (got '{pr.compensation}')")
     _require(not (config.saliency.criterion == "activation" and config.saliency.hessian_window == 0),
              "saliency.criterion=activation reads the activations of the saliency.hessian_window batches "
              "before an event; set saliency.hessian_window >= 1")

@@ -119,3 +119,8 @@ def test_pruning_with_the_distributed_optimizer_is_accepted():
     tests/distributed/test_pruning_distributed_optimizer.py)."""
     config = load_config(None, ["parallel.use_distributed_optimizer=true"])
     assert config.prune.enabled and config.parallel.use_distributed_optimizer
+
+
+def test_scoring_after_compensation_without_obs_is_refused_by_name():
+    with pytest.raises(ConfigError, match="prune.score_after_compensation .* needs prune.compensation=obs"):
+        load_config(None, ["prune.score_after_compensation=true", "prune.compensation=none"])

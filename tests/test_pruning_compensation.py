@@ -9,6 +9,7 @@ from efficientllm.pruning.compensation import (
     obs_step,
     obs_update,
     reconstruction_error,
+    removal_errors,
     slice_hessian,
 )
 
@@ -145,3 +146,17 @@ def test_the_update_is_row_local_so_a_block_of_rows_compensates_alone():
 def test_the_update_reports_a_hessian_without_data():
     update, reason = obs_update(torch.zeros(IN, IN), REMOVE)
     assert update is None and "no data" in reason
+
+
+def test_removal_errors_are_each_groups_output_error_before_and_after_its_obs_update():
+    X, W = correlated_inputs(400, seed=3), weight()
+    groups = torch.tensor([[2, 3], [11, 17], [0, 23]])
+    before, after = removal_errors(W, X.T @ X, groups, damping=1e-10)
+    for g, columns in enumerate(groups):
+        plain = (X[:, columns] @ W[:, columns].T).square().sum()
+        compensated = obs_remove_columns(W, X.T @ X, columns, damping=1e-10)
+        left = reconstruction_error(W, compensated.weight, X, compensated.keep) ** 2
+        assert float(before[g]) == pytest.approx(float(plain), rel=1e-6)
+        assert float(after[g]) == pytest.approx(left, rel=1e-6)
+        assert float(after[g]) < 0.5 * float(before[g]), "correlated inputs: OBS repairs most of it"
+    assert removal_errors(W, torch.zeros(IN, IN, dtype=torch.float64), groups) is None

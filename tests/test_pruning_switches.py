@@ -12,10 +12,12 @@ import math
 import pytest
 import torch
 
+from efficientllm.pruning.compensation import removal_errors
 from efficientllm.pruning.layout import complement, kept_hidden
+from efficientllm.pruning.megatron.obs import residual_factors
 from efficientllm.pruning.megatron.sync import global_score_table
 from efficientllm.pruning.plan import Plan
-from efficientllm.pruning.selection import select, select_architecture
+from efficientllm.pruning.selection import scale_scores, select, select_architecture
 from efficientllm.pruning.targets import target_from_spec
 from efficientllm.training.pruning import PruningPass
 from tests.distributed.workers.surgery import batches
@@ -27,8 +29,8 @@ TARGET = {"hidden_size": 48, "num_attention_heads": 2, "num_query_groups": 2, "f
 
 def _run_to_event(single_rank, tmp_path, criterion: str = "fisher", **prune):
     """A trainer whose only event is at step EVENT; returns it, the event record, the Plan, the
-    Architecture, weights and window before the event, the weights right after it, and every
-    criterion's score table at it."""
+    Architecture, weights, window and shard groups before the event, the weights right after
+    it, and every criterion's score table at it."""
     trainer = _trainer(single_rank, tmp_path, start_step=EVENT, end_step=EVENT, **prune)
     trainer.config.saliency.criterion, trainer.config.saliency.hessian_window = criterion, 1
     trainer.pruning.saliency.remove()
@@ -43,7 +45,7 @@ def _run_to_event(single_rank, tmp_path, criterion: str = "fisher", **prune):
             tables = {c: global_score_table(p.saliency, c, window=p.window)  # one rank: reduction is a no-op
                       for c in ("fisher", "taylor", "activation") if c != "activation" or with_activations}
             weights = {n: w.detach().clone() for n, w in trainer.model[0].module.named_parameters()}
-            before = (trainer.arch, weights, p.window)
+            before = (trainer.arch, weights, p.window, p.saliency.groups)
         event = trainer.pruning.after_step(step)
     after = {n: w.detach().clone() for n, w in trainer.model[0].module.named_parameters()}
     loss = trainer.train_step(data)["loss"]
@@ -74,8 +76,22 @@ def test_a_switch_changes_the_ranking_the_event_prunes_by(single_rank, tmp_path,
     assert event["params_after"] <= trainer.pruning.schedule.target_params < event["params_after"] + event["unit_bound"]
 
 
+def test_scoring_after_compensation_ranks_by_the_error_obs_leaves(single_rank, tmp_path):
+    trainer, event, plan, (arch, _, window, groups, _), tables = _run_to_event(
+        single_rank, tmp_path, score_after_compensation=True)
+    factors = residual_factors(window, groups, arch, trainer.config.prune.damping)  # one rank: no-op sums
+    fc2 = window.consumers[(1, "linear_fc2")].weight
+    before, after = removal_errors(fc2, window.hessians[(1, "linear_fc2")], torch.tensor([[5]]))
+    assert float(factors["ffn"][1][5]) == pytest.approx(float(after / before), rel=1e-12)
+    values = torch.cat([*factors["head"], *factors["kv_group"], *factors["ffn"], factors["hidden"]])
+    assert bool(((values > 0) & (values < 1)).all()), "OBS repairs part of every removal, never all"
+    assert set(event["error_left_by_obs"]) == {"head", "kv_group", "ffn", "hidden"}
+    expected = _plan(arch, {"after": scale_scores(tables["fisher"], factors)}, "after", "per_parameter", trainer.pruning)
+    assert plan == expected != _plan(arch, tables, "fisher", "per_parameter", trainer.pruning)
+
+
 def test_compensation_none_collects_no_hessians_and_slices_the_consumers(single_rank, tmp_path):
-    _, _, plan, (arch, old, window, new), _ = _run_to_event(single_rank, tmp_path, compensation="none")
+    _, _, plan, (arch, old, window, _, new), _ = _run_to_event(single_rank, tmp_path, compensation="none")
     assert window.consumers == {} and window.hessians == {}, "only the norms' energies are collected"
     assert plan.ffn, "the event removed FFN channels"
     keep_hidden = kept_hidden(arch, plan.hidden)
@@ -86,7 +102,7 @@ def test_compensation_none_collects_no_hessians_and_slices_the_consumers(single_
 
 
 def test_the_rms_correction_switched_off_leaves_the_norm_weights_plain_slices(single_rank, tmp_path):
-    _, _, plan, (arch, old, window, new), _ = _run_to_event(single_rank, tmp_path, hidden_rms_correction=False,
+    _, _, plan, (arch, old, window, _, new), _ = _run_to_event(single_rank, tmp_path, hidden_rms_correction=False,
                                                             kinds=["hidden"], compensation="none")
     assert window is None, "nothing to collect: no Hessians, no energies"
     assert plan.hidden, "the event removed hidden channels"

@@ -34,6 +34,7 @@ ARM_STYLE = {  # colour per family, line style per variant
     "A-group-fisher": ("teal", "-"), "A-group-fisher-hidden-0.5": ("teal", "--"),
     "A-group-fisher-slow-ema": ("teal", ":"), "A-group-fisher-every-4": ("teal", "-."),
     "A-group-fisher-hidden-0.5-every-4": ("darkgoldenrod", "-."),
+    "A-after-obs": ("darkviolet", "-"), "A-after-obs-every-4": ("darkviolet", "--"),
     "B1": ("tab:orange", "-"), "B2": ("tab:red", "-"), "B3": ("tab:red", ":"),
     "C1": ("tab:green", "-"), "C2": ("tab:olive", "-"),
 }

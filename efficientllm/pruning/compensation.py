@@ -184,3 +184,25 @@ def reconstruction_error(
     full = X @ W.to(torch.float64).T
     pruned = X.index_select(1, keep) @ W_new.to(torch.float64).T
     return float(torch.linalg.norm(full - pruned))
+
+
+def removal_errors(
+    W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, damping: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The output error of consumer W [out, in] (inputs with Hessian H) when each group of
+    input columns (`groups` [G, k], one row per group) is removed alone: without compensation,
+    tr(W_S H_SS W_S^T), and after its OBS update, tr(W_S ([H_d^-1]_SS)^-1 W_S^T); both [G], in
+    float64, with the damped H_d (the one the update uses) for both, so that the second is never
+    above the first. None when H has no usable data (see `damped_inverse`)."""
+    chol, _ = _damped_cholesky(H, damping)
+    if chol is None:
+        return None
+    h_d = chol @ chol.T
+    hinv = torch.cholesky_inverse(chol)
+    groups = groups.to(device=chol.device, dtype=torch.long)
+    rows, cols = groups[:, :, None], groups[:, None, :]
+    w_s = W.detach().to(device=chol.device, dtype=torch.float64)[:, groups]  # [out, G, k]
+    gram = torch.einsum("ogi,ogj->gij", w_s, w_s)  # Σ over outputs of W_S^T W_S, [G, k, k]
+    before = (gram * h_d[rows, cols]).sum((1, 2))
+    after = (gram * torch.linalg.inv(hinv[rows, cols])).sum((1, 2))
+    return before, after

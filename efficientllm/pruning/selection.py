@@ -65,6 +65,18 @@ _UNIT_FAMILY = {
 _UNIT_SHAPE = {"head": 0, "kv_group": 1, "ffn": 0, "hidden": 0, "layer": 0}
 
 
+def scale_scores(scores: Mapping[str, Any], factors: Mapping[str, Any]) -> dict[str, Any]:
+    """The score table with every group's score multiplied by its factor (`factors` shaped like
+    the table, for some of its kinds: a tensor per layer, or one for hidden); the rest as is."""
+    out = dict(scores)
+    for kind, factor in factors.items():
+        if kind not in scores:
+            continue
+        out[kind] = ([s * f for s, f in zip(scores[kind], factor)] if isinstance(factor, list)
+                     else scores[kind] * factor)
+    return out
+
+
 @dataclass(frozen=True)
 class Constraints:
     """What a selection must keep buildable. Minimums are absolute widths; `max_ratio` caps the

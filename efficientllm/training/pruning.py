@@ -17,13 +17,15 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
+import torch
+
 from efficientllm.architecture import Architecture
 from efficientllm.config import Config, ConfigError
 from efficientllm.model import ModelOptions
 from efficientllm.pruning.layout import kept_hidden
 from efficientllm.pruning.megatron import sync
 from efficientllm.pruning.megatron.hessian import HessianCollector
-from efficientllm.pruning.megatron.obs import consumer_updates
+from efficientllm.pruning.megatron.obs import consumer_updates, residual_factors
 from efficientllm.pruning.megatron.optimizer_state import master_weights, slice_optimizer_state
 from efficientllm.pruning.megatron.saliency import SaliencyAccumulator
 from efficientllm.pruning.megatron.surgery import prune_model
@@ -33,6 +35,7 @@ from efficientllm.pruning.selection import (
     Constraints,
     check_architecture_reachable,
     check_reachable,
+    scale_scores,
     select,
     select_architecture,
 )
@@ -176,9 +179,16 @@ class PruningPass:
         t = self.trainer
         if self.window is not None:
             self.window.close_window()
-            # The scores may read the window's activations; its Hessians wait for the Plan.
+            # The scores may read the window's activations; its Hessians wait for the Plan (or for
+            # `residual_factors`, which sums them onto their owners once).
             sync.reduce_window_over_dp(self.window, hessians=False, energies=False)
         scores = sync.global_score_table(self.saliency, window=self.window)
+        left = {}
+        if t.config.prune.score_after_compensation:
+            factors = residual_factors(self.window, self.saliency.groups, arch, t.config.prune.damping)
+            scores = scale_scores(scores, factors)
+            left = {kind: round(float(torch.cat(f if isinstance(f, list) else [f]).mean()), 4)
+                    for kind, f in factors.items() if kind in scores}
         if self.target_architecture is not None:
             selection = select_architecture(arch, scores, self.target_architecture, self.constraints,
                                             self.normalisation)
@@ -208,6 +218,7 @@ class PruningPass:
             "widths": [[l.num_attention_heads, l.num_query_groups, l.ffn_hidden_size] for l in t.arch.layers],
             "hidden": t.arch.hidden_size,
             "obs_fallbacks": fallbacks + pruned.fallbacks,
+            **({"error_left_by_obs": left} if left else {}),
             "seconds": time.perf_counter() - start,
         }
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from tests.distributed.conftest import train_on_ranks
 from tests.distributed.launch import REPO, run_ranks
 
@@ -27,8 +29,11 @@ def _run_distributed_optimizer(config, out, *overrides: str) -> tuple[list[dict]
     return ranks, checks
 
 
-def test_distributed_optimizer_dp2_prunes_like_the_plain_optimizer(tiny_config, tmp_path):
-    config = tiny_config(training={"train_iters": 6}, prune=PRUNE)
+@pytest.mark.parametrize("after_obs", [False, True], ids=["saliency", "score-after-compensation"])
+def test_distributed_optimizer_dp2_prunes_like_the_plain_optimizer(tiny_config, tmp_path, after_obs):
+    """Also when the ranking reads what OBS leaves: each Hessian is summed onto one owner, whose
+    factors every rank gets, and which the event's OBS updates then reuse."""
+    config = tiny_config(training={"train_iters": 6}, prune={**PRUNE, "score_after_compensation": after_obs})
     base = train_on_ranks(1, config, tmp_path / "plain")[0]
     ranks, checks = _run_distributed_optimizer(config, tmp_path / "distopt")
 

@@ -80,6 +80,9 @@ class HessianCollector:
         self.energies: dict[Key, torch.Tensor] = {}
         self.activations: dict[Key, torch.Tensor] = {}
         self.tokens: dict[Key, int] = {}
+        # Set once every Hessian is summed onto its owner DP rank (`obs.residual_factors`), so
+        # that `obs.consumer_updates` does not sum them again.
+        self.owners: dict[Key, int] | None = None
         self._hooks: list[Any] = []
 
     @property
@@ -106,6 +109,7 @@ class HessianCollector:
         self.energies.clear()
         self.activations.clear()
         self.tokens.clear()
+        self.owners = None
 
     def _count(self, key: Key, tokens: int) -> None:
         self.tokens[key] = self.tokens.get(key, 0) + tokens

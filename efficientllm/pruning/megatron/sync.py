@@ -23,6 +23,8 @@
   factors it and broadcasts the small update to the others; fallback reasons gathered.
 - `sum_over_model_parallel(partial)`: a hidden channel's per-step partial sums completed over
   TP and PP, for the group Fisher (`SaliencyAccumulator(hidden_sum=...)`).
+- `sum_everywhere(flat)`: a small table summed over the world, the same bits on every rank
+  (the score table; `obs.residual_factors`' share of each removal's error OBS leaves).
 - `check_plan_identical(plan)`: the Plan's checksum compared across all ranks.
 - `complete_reduce_scattered_grads(model)`: under megatron's distributed optimizer with DP > 1
   each rank's `main_grad` holds the DP-averaged gradient only in the shard of each grad-buffer
@@ -112,8 +114,7 @@ def global_score_table(acc: SaliencyAccumulator, criterion: str | None = None,
         flat[ffn + ffns.start: ffn + ffns.stop] = ffn_scores / dp
         flat[layer_at + local.layer] = acc.stats[local.layer]["cos"] / (tp * dp)
     flat[hidden_at: hidden_at + arch.hidden_size] = hidden / dp
-    dist.all_reduce(flat)
-    dist.broadcast(flat, src=0)  # the same bits everywhere, whatever the reduction order
+    sum_everywhere(flat)
     if criterion == "taylor":
         flat[:layer_at].abs_()
     flat = flat.cpu()  # cpu-ok: the selection ranks a few floats per group on the host
@@ -128,6 +129,14 @@ def global_score_table(acc: SaliencyAccumulator, criterion: str | None = None,
     if "layer" in acc.kinds:
         table["layer"] = flat[layer_at: layer_at + arch.num_layers].clone()
     return table
+
+
+def sum_everywhere(flat: torch.Tensor) -> torch.Tensor:
+    """`flat` summed in place over the world, then broadcast from rank 0, so that every rank
+    holds the same bits whatever the reduction order."""
+    dist.all_reduce(flat)
+    dist.broadcast(flat, src=0)
+    return flat
 
 
 def reduce_window_over_dp(collector: HessianCollector, hessians: bool = True, energies: bool = True,
