@@ -112,11 +112,11 @@ def residual_factors(window: HessianCollector, groups: ShardGroups, arch: Archit
         if owned(proj):
             group_cols = torch.stack([local.head_proj_cols[[h - heads_here.start for h in lay.heads_of_group(g)]].reshape(-1)
                                       for g in groups_here])
-            heads[l][heads_here.start:heads_here.stop] = _fraction_left(errors(proj, local.head_proj_cols), len(heads_here))
-            kv_groups[l][groups_here.start:groups_here.stop] = _fraction_left(errors(proj, group_cols), len(groups_here))
+            heads[l][heads_here.start:heads_here.stop] = _fraction_left(errors(proj, local.head_proj_cols), len(heads_here), device)
+            kv_groups[l][groups_here.start:groups_here.stop] = _fraction_left(errors(proj, group_cols), len(groups_here), device)
         if owned(fc2):
             channels = local.global_ffn
-            ffn[l][channels.start:channels.stop] = _fraction_left(errors(fc2, local.ffn_fc2_cols[:, None]), len(channels))
+            ffn[l][channels.start:channels.stop] = _fraction_left(errors(fc2, local.ffn_fc2_cols[:, None]), len(channels), device)
     for key in keys:
         if key[1] in ("linear_qkv", "linear_fc1", "output_layer") and owned(key):
             found = errors(key, every_column)
@@ -131,9 +131,9 @@ def residual_factors(window: HessianCollector, groups: ShardGroups, arch: Archit
     return {"head": parts[:n], "kv_group": parts[n:2 * n], "ffn": parts[2 * n:3 * n], "hidden": hidden}
 
 
-def _fraction_left(found: tuple[torch.Tensor, torch.Tensor] | None, n: int) -> torch.Tensor:
+def _fraction_left(found: tuple[torch.Tensor, torch.Tensor] | None, n: int, device: torch.device) -> torch.Tensor:
     """after / before per group; 1 (no repair) without Hessian data or without any error."""
-    return torch.ones(n, dtype=torch.float64) if found is None else _ratio(*found)
+    return torch.ones(n, dtype=torch.float64, device=device) if found is None else _ratio(*found)
 
 
 def _ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
