@@ -80,9 +80,8 @@ class HessianCollector:
         self.energies: dict[Key, torch.Tensor] = {}
         self.activations: dict[Key, torch.Tensor] = {}
         self.tokens: dict[Key, int] = {}
-        # Set once every Hessian is summed onto its owner DP rank (`obs.residual_factors`), so
-        # that `obs.consumer_updates` does not sum them again.
-        self.owners: dict[Key, int] | None = None
+        # The owner DP rank of every Hessian already summed onto it (`sync.reduce_hessians_to_owners`).
+        self.owners: dict[Key, int] = {}
         self._hooks: list[Any] = []
 
     @property
@@ -109,7 +108,7 @@ class HessianCollector:
         self.energies.clear()
         self.activations.clear()
         self.tokens.clear()
-        self.owners = None
+        self.owners.clear()
 
     def _count(self, key: Key, tokens: int) -> None:
         self.tokens[key] = self.tokens.get(key, 0) + tokens

@@ -40,10 +40,7 @@ def consumer_updates(window: HessianCollector, plan: Plan, arch: Architecture,
     collective over DP: call on every rank."""
     inputs = compensated_inputs(plan, arch)
     keys = sorted((key for key in inputs if key in window.consumers), key=str)
-    if window.owners is None:
-        owners = sync.reduce_hessians_to_owners(window, keys)
-    else:  # already summed onto their owners (`residual_factors`)
-        owners = {key: window.owners[key] for key in keys}
+    owners = sync.reduce_hessians_to_owners(window, keys)  # each summed once per window
     me = sync.data_parallel_rank()
     removed, sizes, mine, reasons = {}, {}, {}, {}
     for key in keys:
@@ -91,9 +88,9 @@ def residual_factors(window: HessianCollector, groups: ShardGroups, arch: Archit
     errors summed over them. A consumer without usable Hessian data counts as uncompensated
     (factor 1; for hidden, left out). A collective over the world: call on every rank."""
     keys = sorted(window.consumers, key=str)
-    window.owners = sync.reduce_hessians_to_owners(window, keys)
+    owners = sync.reduce_hessians_to_owners(window, keys)
     me = sync.data_parallel_rank()
-    owned = lambda key: key in window.consumers and window.owners[key] == me
+    owned = lambda key: key in owners and owners[key] == me
 
     def errors(key: Key, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         return removal_errors(window.consumers[key].weight, window.hessians[key], columns, damping)

@@ -220,24 +220,25 @@ def complete_reduce_scattered_grads(model) -> None:
 
 def reduce_hessians_to_owners(collector: HessianCollector, keys: list[Key]) -> dict[Key, int]:
     """Sum the Hessian of each consumer in `keys` over DP onto one DP rank, its owner (dealt in
-    turn: keys[j] -> DP rank j % DP), after completing it over TP where sequence parallelism
-    split the tokens; returns key -> owner. Only the owner's copy is then the sum (its token
-    count is not reduced: OBS does not read it). Call on every rank with the same keys."""
+    turn over the keys not yet summed: the j-th -> DP rank j % DP), after completing it over TP
+    where sequence parallelism split the tokens; returns key -> owner. A key already summed
+    (an earlier call in this window, recorded in `collector.owners`) keeps its owner and is not
+    summed again. Only the owner's copy is then the sum (its token count is not reduced: OBS
+    does not read it). Call on every rank with the same keys."""
     dp_group = parallel_state.get_data_parallel_group()
     tp_group = parallel_state.get_tensor_model_parallel_group()
     dp, ranks = dist.get_world_size(dp_group), dist.get_process_group_ranks(dp_group)
-    owners = {}
-    for j, key in enumerate(keys):
+    for j, key in enumerate(key for key in keys if key not in collector.owners):
         weight = collector.consumers[key].weight
         if key not in collector.hessians:
             collector.hessians[key] = torch.zeros(weight.shape[1], weight.shape[1], device=weight.device)
         hessian = collector.hessians[key]
         if key in collector.partial_over_tp and dist.get_world_size(tp_group) > 1:
             dist.all_reduce(hessian, group=tp_group)
-        owners[key] = j % dp
+        collector.owners[key] = j % dp
         if dp > 1:
-            dist.reduce(hessian, dst=ranks[owners[key]], group=dp_group)
-    return owners
+            dist.reduce(hessian, dst=ranks[collector.owners[key]], group=dp_group)
+    return {key: collector.owners[key] for key in keys}
 
 
 def share_from_owners(values: dict[Key, torch.Tensor], owners: dict[Key, int], sizes: dict[Key, int],
