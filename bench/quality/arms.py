@@ -63,6 +63,8 @@ ABLATIONS: dict[str, Any] = {
                                           "prune": {"kind_weights": {"hidden": 0.5}, "interval": 4}},
     "A-after-obs": {"prune": {"score_after_compensation": True}},
     "A-after-obs-every-4": {"prune": {"score_after_compensation": True, "interval": 4}},
+    "A-group-fisher-after-obs-every-4": {"saliency": {"criterion": "group_fisher"},
+                                         "prune": {"score_after_compensation": True, "interval": 4}},
     "A-per-group": {"prune": {"normalisation": "per_group"}},
     "A-kind-weights": _HIDDEN_QUARTER,
     "A-hidden-0.1": {"prune": {"kind_weights": {"hidden": 0.1}}},

@@ -35,12 +35,13 @@ ARM_STYLE = {  # colour per family, line style per variant
     "A-group-fisher-slow-ema": ("teal", ":"), "A-group-fisher-every-4": ("teal", "-."),
     "A-group-fisher-hidden-0.5-every-4": ("darkgoldenrod", "-."),
     "A-after-obs": ("darkviolet", "-"), "A-after-obs-every-4": ("darkviolet", "--"),
+    "A-group-fisher-after-obs-every-4": ("darkviolet", "-."),
     "B1": ("tab:orange", "-"), "B2": ("tab:red", "-"), "B3": ("tab:red", ":"),
     "C1": ("tab:green", "-"), "C2": ("tab:olive", "-"),
 }
 
 
-WIDTHS_SHOWN = ("A", "A-hidden-0.1")  # the default and the best ablation measured
+WIDTHS_SHOWN = ("A", "A-hidden-0.1", "A-hidden-0.1-every-4")  # the default and the best ablations measured
 
 
 def _records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
